@@ -1,0 +1,122 @@
+"""DeepSpeed ZeRO (stage 2 or 3, optional offload), configured by a JSON in ds_configs/ whose "auto" values are
+filled from the Hydra config. Workers are started by the `deepspeed` CLI (see launcher/__main__.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from launcher.backends import make_optimizer
+from launcher.config import Config, ConfigError, resolve_path
+from launcher.model import compute_dtype
+
+
+def fill_ds_config(cfg: Config, world_size: int, hidden_size: int | None = None) -> dict[str, Any]:
+    """Read ``backend.ds_config`` and replace its "auto" values from the Hydra config.
+
+    An explicit value that contradicts the Hydra config is an error naming both, never silently preferred.
+    """
+    path = resolve_path(cfg.backend.ds_config or "")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}).") from None
+    t = cfg.train
+    bf16 = compute_dtype(cfg.model) == torch.bfloat16
+    wanted = {
+        ("train_micro_batch_size_per_gpu",): (t.micro_batch_size, "train.micro_batch_size"),
+        ("gradient_accumulation_steps",): (t.grad_accum, "train.grad_accum"),
+        ("train_batch_size",): (t.micro_batch_size * t.grad_accum * world_size,
+                                "train.micro_batch_size × train.grad_accum × world size"),
+        ("gradient_clipping",): (cfg.optimizer.max_grad_norm, "optimizer.max_grad_norm"),
+        ("bf16", "enabled"): (bf16, "model.dtype"),
+    }
+    if hidden_size:
+        wanted[("zero_optimization", "reduce_bucket_size")] = (hidden_size * hidden_size, "model hidden size²")
+        wanted[("zero_optimization", "stage3_prefetch_bucket_size")] = (
+            int(0.9 * hidden_size * hidden_size), "0.9 × hidden size²")
+        wanted[("zero_optimization", "stage3_param_persistence_threshold")] = (10 * hidden_size, "10 × hidden size")
+    errors = []
+    for keys, (value, source) in wanted.items():
+        node = ds
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        current = node.get(keys[-1], "auto")
+        if current == "auto":
+            node[keys[-1]] = value
+        elif current != value:
+            errors.append(f"{'.'.join(keys)}={current!r} in {path} contradicts {source}={value!r}; "
+                          f"set it to \"auto\" or change the Hydra value")
+    if "optimizer" in ds or "scheduler" in ds:
+        errors.append(f"{path} defines its own optimizer/scheduler; remove them: the launcher builds AdamW and "
+                      f"the warmup+cosine schedule from the `optimizer` config group")
+    if errors:
+        raise ConfigError("DeepSpeed config problems:\n  - " + "\n  - ".join(errors))
+    # The launcher's AdamW works with offload too; DeepSpeed otherwise insists on its own compiled CPU Adam.
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    return ds
+
+
+class DeepSpeedBackend:
+    def __init__(self, cfg: Config):
+        import deepspeed
+
+        self.cfg = cfg
+        cuda = torch.cuda.is_available()
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if cuda:
+            torch.cuda.set_device(local)
+        self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
+
+    def build(self, make_model: Callable[[], torch.nn.Module], total_steps: int) -> torch.nn.Module:
+        import deepspeed
+        from transformers import AutoConfig
+        from transformers.integrations import HfDeepSpeedConfig
+
+        from launcher.model import model_dir
+
+        hf_cfg = AutoConfig.from_pretrained(model_dir(self.cfg.model))
+        self.ds_config = fill_ds_config(self.cfg, self.world_size, getattr(hf_cfg, "hidden_size", None))
+        # While this object lives, from_pretrained builds the model under zero.Init: each rank materialises only
+        # its shard, so host memory holds about one copy of the model, not one per rank.
+        self._hf_ds = HfDeepSpeedConfig(self.ds_config)
+        model = make_model()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt, sched = make_optimizer(self.cfg, params, total_steps)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                               config=self.ds_config)
+        return self.engine
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loop normalises by the step's supervised-token count itself; DeepSpeed must not divide by grad_accum.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()  # a no-op until the gradient-accumulation boundary
+
+    def step(self) -> float:
+        # engine.step() already ran at the boundary inside backward(); nothing left but to report.
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(t)
+        return t
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory.parent), tag=directory.name)
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+    def close(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

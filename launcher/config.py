@@ -1,0 +1,244 @@
+"""Typed configuration: the dataclasses Hydra composes over, and the checks that run before any work.
+
+Every YAML file under ``conf/`` fills one of these schemas, so a misspelt key or a wrong type fails at
+composition time with Hydra's own message. Cross-field checks live in :func:`validate`, which gathers every
+problem into one :class:`ConfigError` instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message says which key and how."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune and how to load it."""
+
+    # Hugging Face hub id or local directory. Relative paths resolve against the working directory, then the
+    # project root (so `models/tiny_llama` works from anywhere).
+    name_or_path: str = MISSING
+    # "pretrained": load weights from name_or_path. "random": build the architecture from its config.json and
+    # initialise weights from `init_seed` (the embedded tiny model; no download needed).
+    init: str = "pretrained"
+    init_seed: int = 0
+    # Compute dtype: "auto" is bfloat16 on GPU and float32 on CPU. Master weights stay float32 either way.
+    dtype: str = "auto"
+    # "sdpa", "eager" or "flash_attention_2". Packed rows stay isolated with all three (see launcher/packing.py).
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TemplateConfig:
+    """A chat format as slots. ``{{content}}`` marks where a message's text goes; everything else in a slot is
+    template markup (control tokens are recognised there, never inside content)."""
+
+    name: str = MISSING
+    prefix: str = ""  # once at the start, e.g. the bos token
+    system: str = "{{content}}"
+    user: str = "{{content}}"
+    assistant: str = "{{content}}"  # the trained part: the reply and its end-of-turn marker
+    # Turns of the tool protocol; an empty slot means the template cannot render such turns.
+    observation: str = ""
+    function_call: str = ""
+    tools: str = ""  # renders the `tools` column into the system turn, `{{content}}` = the tools JSON
+    separator: str = ""  # between one assistant reply and the next user turn
+    default_system: str = ""
+    # Whether a system turn may be rendered at all (some formats, e.g. gemma, fold it into the first user turn).
+    system_in_user: bool = False
+    stop_words: list[str] = field(default_factory=list)
+    # Use the first stop word as the tokenizer's eos at export, so `generate` stops at the end of a turn.
+    replace_eos: bool = False
+    notes: str = ""  # why the template differs from the model's official Jinja template, if it does
+
+
+@dataclass
+class DatasetConfig:
+    """Which records to train on and how they become token rows."""
+
+    # A LLaMA-Factory-style data folder with dataset_info.json.
+    dir: str = "data"
+    names: list[str] = field(default_factory=lambda: ["text2sql_ko"])
+    max_samples: Optional[int] = None  # per dataset, taken from the start of each file
+    val_size: float = 0.0  # fraction (<1) or count (>=1) of records held out for evaluation
+    cutoff_len: int = 1024  # tokens per packed row (and the longest record kept)
+    packing: bool = True
+    overlong: str = "truncate"  # records longer than cutoff_len: "truncate" (earlier turns go first) or "drop"
+    on_error: str = "raise"  # malformed records: "raise" or "skip" (skips are counted and reported)
+    train_on_prompt: bool = False
+    mask_history: bool = False  # train only the last assistant turn
+    num_proc: int = 1
+    cache_dir: str = ".cache/launcher"
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warmup then cosine decay to `min_lr_ratio` × lr."""
+
+    name: str = "adamw"
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class BackendConfig:
+    """How workers are started and how they shard the model."""
+
+    # "single": one process, plain PyTorch, run in the launcher process.
+    # "deepspeed": workers started by the `deepspeed` CLI with `ds_config`.
+    name: str = "single"
+    ds_config: Optional[str] = None
+
+
+@dataclass
+class FinetuneConfig:
+    """Full fine-tuning or LoRA adapters (PEFT)."""
+
+    method: str = "full"  # "full" or "lora"
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class TrainerConfig:
+    """The optimisation loop."""
+
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    micro_batch_size: int = 1  # rows per rank per forward pass (each row holds up to cutoff_len tokens)
+    grad_accum: int = 1
+    seed: int = 42
+    log_every: int = 1
+    save_steps: int = 0  # 0: only at the end
+    save_total_limit: int = 2
+
+
+@dataclass
+class LauncherConfig:
+    """Where the workers run. Multi-node values are filled by slurm/train.sh."""
+
+    nproc_per_node: Optional[int] = None  # None: one per GPU, or 2 on a CPU-only machine
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    omp_num_threads: Optional[int] = None  # None: cores / workers on CPU (at least 1)
+
+
+@dataclass
+class Config:
+    """The whole job. `python -m launcher --cfg job` prints the composed form."""
+
+    model: ModelConfig = MISSING
+    template: TemplateConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    backend: BackendConfig = MISSING
+    finetune: FinetuneConfig = MISSING
+    train: TrainerConfig = field(default_factory=TrainerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    name: str = "default"
+    output_dir: str = "outputs"
+    # Filled by the launcher: the run directory and the prepared data the workers read.
+    run_dir: str = ""
+    data_path: str = ""
+    dry_run: bool = False
+
+
+def register_configs() -> None:
+    """Register the schema that conf/config.yaml extends: each group's YAML is merged into its typed field, so
+    an unknown key or a wrong type in any group file or override fails at composition."""
+    ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+def to_object(cfg: DictConfig) -> Config:
+    """Turn a composed DictConfig into the typed Config (resolving interpolations)."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, Config)
+    return obj
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """Read the resolved config the launcher wrote into a run directory (workers and merge use this)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: pass a run directory written by `python -m launcher`.")
+    return to_object(OmegaConf.load(path))
+
+
+def resolve_path(p: str) -> Path:
+    """A user path: absolute, or relative to the working directory, else to the project root."""
+    path = Path(os.path.expanduser(p))
+    if path.is_absolute() or path.exists():
+        return path.resolve()
+    return (PROJECT_ROOT / path).resolve() if (PROJECT_ROOT / path).exists() else path.resolve()
+
+
+def _choice(errors: list[str], key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        errors.append(f"{key}={value!r} is not one of {', '.join(allowed)}.")
+
+
+def validate(cfg: Config) -> None:
+    """Check cross-field rules; raise one ConfigError listing every problem with its fix."""
+    e: list[str] = []
+    _choice(e, "model.init", cfg.model.init, ("pretrained", "random"))
+    _choice(e, "model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16"))
+    _choice(e, "model.attn_implementation", cfg.model.attn_implementation,
+            ("sdpa", "eager", "flash_attention_2", "flash_attention_3"))
+    _choice(e, "backend.name", cfg.backend.name, ("single", "deepspeed"))
+    _choice(e, "finetune.method", cfg.finetune.method, ("full", "lora"))
+    _choice(e, "dataset.overlong", cfg.dataset.overlong, ("truncate", "drop"))
+    _choice(e, "dataset.on_error", cfg.dataset.on_error, ("raise", "skip"))
+    if cfg.backend.name == "deepspeed" and not cfg.backend.ds_config:
+        e.append("backend.ds_config is empty: name a DeepSpeed JSON, e.g. backend=deepspeed_zero3.")
+    if cfg.backend.ds_config and not resolve_path(cfg.backend.ds_config).is_file():
+        e.append(f"backend.ds_config={cfg.backend.ds_config!r} does not exist: use a file from ds_configs/ "
+                 f"or an absolute path.")
+    if cfg.dataset.cutoff_len < 16:
+        e.append(f"dataset.cutoff_len={cfg.dataset.cutoff_len} is too small: use at least 16 tokens.")
+    if not cfg.dataset.names:
+        e.append("dataset.names is empty: name at least one entry of dataset_info.json, "
+                 "e.g. dataset.names=[text2sql_ko].")
+    if cfg.dataset.val_size < 0:
+        e.append(f"dataset.val_size={cfg.dataset.val_size} is negative: use a fraction below 1 or a count.")
+    for key in ("micro_batch_size", "grad_accum", "log_every"):
+        if getattr(cfg.train, key) < 1:
+            e.append(f"train.{key}={getattr(cfg.train, key)} must be at least 1.")
+    if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
+        e.append("train.epochs and train.max_steps are both non-positive: set train.epochs=1 or train.max_steps=N.")
+    if cfg.optimizer.lr <= 0:
+        e.append(f"optimizer.lr={cfg.optimizer.lr} must be positive, e.g. optimizer.lr=1e-4.")
+    if not 0 <= cfg.optimizer.warmup_ratio < 1:
+        e.append(f"optimizer.warmup_ratio={cfg.optimizer.warmup_ratio} must be in [0, 1).")
+    if len(cfg.optimizer.betas) != 2:
+        e.append(f"optimizer.betas={cfg.optimizer.betas} needs two values, e.g. [0.9,0.999].")
+    if cfg.launcher.nproc_per_node is not None and cfg.launcher.nproc_per_node < 1:
+        e.append(f"launcher.nproc_per_node={cfg.launcher.nproc_per_node} must be at least 1.")
+    if not 0 <= cfg.launcher.node_rank < max(cfg.launcher.nnodes, 1):
+        e.append(f"launcher.node_rank={cfg.launcher.node_rank} must be below launcher.nnodes={cfg.launcher.nnodes}.")
+    if "{{content}}" not in cfg.template.user or "{{content}}" not in cfg.template.assistant:
+        e.append(f"template {cfg.template.name!r}: the user and assistant slots must contain {{{{content}}}}.")
+    if e:
+        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(e))

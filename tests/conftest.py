@@ -1,0 +1,26 @@
+"""Shared fixtures: the project root, the tiny tokenizer, and a helper that runs the real launcher CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ROOT / "models" / "tiny_llama")
+
+
+def run_launcher(*overrides: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m launcher <overrides>` from the project root; output captured as text."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "launcher", *overrides], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
