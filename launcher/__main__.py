@@ -39,6 +39,15 @@ def workers_per_node(cfg: Config) -> int:
     return torch.cuda.device_count() or 2
 
 
+def free_port() -> int:
+    """A port nobody listens on now, so concurrent single-node jobs on one machine do not collide."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def worker_command(cfg: Config, nproc: int) -> list[str]:
     """The exact command that starts this node's workers."""
     if cfg.backend.name == "single":
@@ -139,6 +148,8 @@ def run(dcfg: DictConfig) -> int:
     validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     nproc = workers_per_node(cfg)
+    if cfg.launcher.master_port is None:
+        cfg.launcher.master_port = free_port()
     if cfg.dry_run:
         cfg.run_dir = str(run_dir)
         print(shlex.join(worker_command(cfg, nproc)))

@@ -141,7 +141,7 @@ class LauncherConfig:
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    master_port: Optional[int] = None  # None: a free port on one node; multi-node runs must set it
     omp_num_threads: Optional[int] = None  # None: cores / workers on CPU (at least 1)
 
 
@@ -236,6 +236,9 @@ def validate(cfg: Config) -> None:
         e.append(f"optimizer.betas={cfg.optimizer.betas} needs two values, e.g. [0.9,0.999].")
     if cfg.launcher.nproc_per_node is not None and cfg.launcher.nproc_per_node < 1:
         e.append(f"launcher.nproc_per_node={cfg.launcher.nproc_per_node} must be at least 1.")
+    if cfg.launcher.nnodes > 1 and cfg.launcher.master_port is None:
+        e.append("launcher.master_port is unset for a multi-node run: every node must use the same port "
+                 "(slurm/train.sh derives one from the job id).")
     if not 0 <= cfg.launcher.node_rank < max(cfg.launcher.nnodes, 1):
         e.append(f"launcher.node_rank={cfg.launcher.node_rank} must be below launcher.nnodes={cfg.launcher.nnodes}.")
     if "{{content}}" not in cfg.template.user or "{{content}}" not in cfg.template.assistant:
