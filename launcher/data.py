@@ -402,7 +402,7 @@ def _records(entries: list[DatasetEntry], cfg: DatasetConfig, template: Template
                 try:
                     msgs, tools = to_messages(record, entry, where)
                     try:
-                        template.render(msgs, tools=tools)  # roles/tools the template cannot render fail here
+                        template.check(msgs, tools)  # roles/tools the template cannot render fail here
                     except TemplateError as err:
                         raise DataError(f"{where}: {err}.", "template cannot render") from None
                 except DataError as err:
@@ -471,8 +471,10 @@ def prepare(cfg: DatasetConfig, template_cfg: TemplateConfig, tokenizer: Any, to
     stats = DataStats()
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".data-{key}-", dir=cache_root))
-    # Forked map workers must not inherit a tokenizer thread pool (deadlock warning from tokenizers).
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cfg.num_proc > 1:
+        # Forked map workers must not inherit a used tokenizer thread pool (tokenizers warns and disables it);
+        # with one process the fast tokenizer's own threads tokenise each batch in parallel.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         features = datasets.Features({
             "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],

@@ -18,6 +18,7 @@ and ``observation`` (a tool result, answered by the next reply). Tools are a lis
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -163,19 +164,20 @@ class Template:
         added = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, added)) + ")") if added else None
         self._added = set(added)
+        # Slots split once into literal parts and hole names; markup split once into control tokens and text.
+        self._parts = {name: [(p[2:-2], True) if _HOLE_RE.fullmatch(p) else (p, False)
+                              for p in _HOLE_RE.split(slot) if p] for name, slot in self._slot.items()}
+        self._markup_atoms: dict[str, list[tuple[bool, str]]] = {}
 
     # ---------------------------------------------------------------- slots
     def _fill(self, slot_name: str, **holes: str | list[Piece]) -> list[Piece]:
         """A slot as pieces: its literal text is markup, what fills a hole is data (unless given as pieces)."""
         pieces: list[Piece] = []
-        for part in _HOLE_RE.split(self._slot[slot_name]):
-            if not part:
-                continue
-            key = part[2:-2] if _HOLE_RE.fullmatch(part) else None
-            if key is None:
+        for part, is_hole in self._parts[slot_name]:
+            if not is_hole:
                 pieces.append((part, True))
             else:
-                value = holes[key]
+                value = holes[part]
                 pieces += value if isinstance(value, list) else [(value, False)]
         return pieces
 
@@ -262,6 +264,27 @@ class Template:
         if self.cfg.efficient_eos and not generation:
             triples[-1][2].pieces.append((self.eos, True))
         return head, triples
+
+    def check(self, messages: Messages, tools: Sequence[dict[str, Any]] | None = None) -> None:
+        """Raise TemplateError if this template cannot render the conversation (cheaper than rendering it):
+        tool turns or tools without the template's tool slots, a misplaced system prompt, bad turn order."""
+        roles = {m["role"] for m in messages}
+        if tools and not self.cfg.tools:
+            raise TemplateError(f"template {self.cfg.name!r} has no 'tools' slot, so it cannot render a "
+                                f"conversation with tools; pick a template with tool support (e.g. llama3, qwen)")
+        for role in ("observation", "function_call"):
+            if role in roles:
+                self._require(role, role)
+        if self.cfg.system_position != "turn" and "user" not in roles and (
+                "system" in roles or self.cfg.default_system):
+            raise TemplateError("the system prompt goes into a user turn, and this conversation has none")
+        body = [m["role"] for m in messages if m["role"] != "system"]
+        if (any(m["role"] == "system" for m in messages[1:]) or not body or len(body) % 2
+                or any(r not in (PROMPT_ROLES if i % 2 == 0 else REPLY_ROLES) for i, r in enumerate(body))):
+            raise TemplateError("a conversation must alternate prompt and reply turns and end with a reply")
+        for m in messages:
+            if m["role"] == "function_call":
+                self._calls(m["content"])
 
     def render(self, messages: Messages, add_generation_prompt: bool = False,
                tools: Sequence[dict[str, Any]] | None = None) -> str:
@@ -366,16 +389,27 @@ class Template:
     def _atoms(self, turn: _Turn) -> list[tuple[bool, str]]:
         """(is_special, text) atoms: control tokens from markup, and plain-text runs between them."""
         atoms: list[tuple[bool, str]] = []
+        run: list[str] = []  # text since the last control token: one run, tokenised as HF would tokenise it
         for text, markup in turn.pieces:
-            parts = self._special_re.split(text) if (markup and self._special_re) else [text]
-            for part in parts:
-                if not part:
-                    continue
-                special = markup and part in self._added
-                if not special and atoms and not atoms[-1][0]:
-                    atoms[-1] = (False, atoms[-1][1] + part)  # one run: tokenised as HF would tokenise it
+            if not markup:
+                run.append(text)
+                continue
+            parts = self._markup_atoms.get(text)
+            if parts is None:
+                split = self._special_re.split(text) if self._special_re else [text]
+                parts = self._markup_atoms[text] = [(p in self._added, p) for p in split if p]
+            for special, part in parts:
+                if special:
+                    if run:
+                        atoms.append((False, "".join(run)))
+                        run = []
+                    atoms.append((True, part))
                 else:
-                    atoms.append((special, part))
+                    run.append(part)
+        if run:
+            text = "".join(run)
+            if text:
+                atoms.append((False, text))
         return atoms
 
     def encode_batch(
@@ -397,17 +431,37 @@ class Template:
         atoms = [[self._atoms(t) for t in [head] + [x for triple in triples for x in triple]]
                  for head, triples in structured]
         runs = [text for conv in atoms for turn in conv for special, text in turn if not special]
-        ids = self.tokenizer(runs, add_special_tokens=False, split_special_tokens=True)["input_ids"] if runs else []
-        it = iter(ids)
+        it = iter(self._tokenize_text(runs))
+        special_id = self._special_ids
         out: list[Encoded | None] = []
         for (head, triples), conv in zip(structured, atoms):
             turn_ids = [
-                [tid for special, text in turn
-                 for tid in ([self.tokenizer.convert_tokens_to_ids(text)] if special else next(it))]
+                [tid for special, text in turn for tid in ([special_id[text]] if special else next(it))]
                 for turn in conv
             ]
             out.append(_assemble(turn_ids, len(triples), cutoff_len, train_on_prompt, mask_history))
         return out
+
+    @functools.cached_property
+    def _special_ids(self) -> dict[str, int]:
+        return {tok: self.tokenizer.convert_tokens_to_ids(tok) for tok in self._added}
+
+    def _tokenize_text(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of plain-text runs, control-token look-alikes included as text (never as control tokens)."""
+        if not texts:
+            return []
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a slow (Python) tokenizer
+            return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        # The Rust tokenizer directly: the transformers wrapper's per-text conversion costs as much as the
+        # tokenisation itself. encode_special_tokens=True is what split_special_tokens=True sets.
+        previous = backend.encode_special_tokens
+        backend.encode_special_tokens = True
+        try:
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
+        finally:
+            backend.encode_special_tokens = previous
 
     def encode(self, messages: Messages, cutoff_len: int = 1 << 30, tools: Sequence[dict[str, Any]] | None = None,
                **kw: bool) -> Encoded | None:

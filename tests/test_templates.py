@@ -338,3 +338,35 @@ def test_llama3_tools_equal_llama31_with_tools_in_the_system_turn(with_system: b
     official = _hf(tokenizer, _official("llama3_1_instruct.jinja"), messages, tools=tools,
                    tools_in_user_message=False)
     assert t.render(conv, tools=tools) == _without_llama31_date(official)
+
+
+BAD_CONVERSATIONS = {
+    "ends with a user turn": ([SINGLE[0]], None),
+    "two user turns": ([SINGLE[0], SINGLE[0], SINGLE[1]], None),
+    "late system message": ([*SINGLE, SYSTEM, *SINGLE], None),
+    "reply first": ([SINGLE[1], SINGLE[0]], None),
+    "tool turns": (TOOL_CONV, None),
+    "tools": (SINGLE, normalize_tools(TOOLS)),
+    "bad function call": ([SINGLE[0], {"role": "function_call", "content": "not json"}, *TOOL_CONV[2:]], None),
+}
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+@pytest.mark.parametrize("case", sorted(BAD_CONVERSATIONS))
+def test_check_rejects_exactly_what_render_rejects(name: str, case: str, tokenizer) -> None:
+    """Data preparation validates records with the cheap check(); it must agree with render()."""
+    t = load_template(name, tokenizer)
+    conv, tools = BAD_CONVERSATIONS[case]
+    try:
+        t.render(conv, tools=tools)
+        renders = True
+    except TemplateError:
+        renders = False
+    try:
+        t.check(conv, tools)
+        checks = True
+    except TemplateError:
+        checks = False
+    assert renders == checks
+    if case in ("ends with a user turn", "two user turns", "late system message", "reply first", "tools"):
+        assert not renders or (case == "tools" and name in ("llama3", "llama3_rag", "qwen"))
