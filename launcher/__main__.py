@@ -107,6 +107,10 @@ def prepare_run(cfg: Config, run_dir: Path) -> None:
         f"[{'cache hit' if hit else f'prepared in {time.time() - t0:.1f}s'}: {data_path}]")
     for err in stats.errors:
         say(f"  skipped: {err}")
+    from launcher.inspect_data import write_report
+
+    say(f"data report (statistics, samples with trained tokens marked): "
+        f"{write_report(run_dir, data_path, stats, tokenizer, cfg.dataset.cutoff_len)}")
     cfg.data_path = str(data_path)
     cfg.run_dir = str(run_dir)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

@@ -43,25 +43,34 @@ class ModelConfig:
 
 @dataclass
 class TemplateConfig:
-    """A chat format as slots. ``{{content}}`` marks where a message's text goes; everything else in a slot is
-    template markup (control tokens are recognised there, never inside content)."""
+    """A chat format as slots (see conf/template/*.yaml and launcher/templates.py).
+
+    Holes in double braces mark where data goes: ``{{content}}`` (a message's text), and in the tool slots
+    ``{{tools}}``, ``{{tool}}``, ``{{name}}``, ``{{arguments}}``. ``{{bos}}``/``{{eos}}`` are the tokenizer's bos/eos
+    token. Everything else in a slot is template markup: control tokens are recognised there, never inside data."""
 
     name: str = MISSING
-    prefix: str = ""  # once at the start, e.g. the bos token
+    prefix: str = ""  # once at the start, e.g. "{{bos}}"
     system: str = "{{content}}"
-    user: str = "{{content}}"
+    user: str = "{{content}}"  # ends with the reply header: what follows is what the model generates
     assistant: str = "{{content}}"  # the trained part: the reply and its end-of-turn marker
-    # Turns of the tool protocol; an empty slot means the template cannot render such turns.
-    observation: str = ""
-    function_call: str = ""
-    tools: str = ""  # renders the `tools` column into the system turn, `{{content}}` = the tools JSON
-    separator: str = ""  # between one assistant reply and the next user turn
-    default_system: str = ""
-    # Whether a system turn may be rendered at all (some formats, e.g. gemma, fold it into the first user turn).
-    system_in_user: bool = False
+    separator: str = ""  # between one reply and the next prompt turn
+    default_system: str = ""  # used when a conversation has no system message
+    # Where the system prompt goes: "turn" (its own turn, rendered by `system`), or "first_user" / "last_user": the
+    # `system` slot is rendered inside that user turn, before the user's text (formats without a system role).
+    system_position: str = "turn"
+    # The tool protocol; an empty slot means the template cannot render such turns (clear error for such data).
+    observation: str = ""  # a tool result, answered by the next reply; ends with the reply header like `user`
+    function_call: str = ""  # a reply that calls tools: {{content}} = the calls, each rendered by `tool_call`
+    tool_call: str = ""  # one call: {{name}} and {{arguments}} (JSON); several calls are joined by a newline
+    tools: str = ""  # the system turn of a conversation with tools: {{content}} = system prompt, {{tools}} = list
+    tool_item: str = "{{tool}}"  # one tool of {{tools}}: {{tool}} = its JSON ({"type": "function", ...})
+    tool_indent: Optional[int] = None  # JSON indent of {{tool}} (None: one line)
     stop_words: list[str] = field(default_factory=list)
     # Use the first stop word as the tokenizer's eos at export, so `generate` stops at the end of a turn.
     replace_eos: bool = False
+    # Append the tokenizer's eos once after the last reply (trained), instead of in every reply.
+    efficient_eos: bool = False
     notes: str = ""  # why the template differs from the model's official Jinja template, if it does
 
 
@@ -211,6 +220,7 @@ def validate(cfg: Config) -> None:
     _choice(e, "finetune.method", cfg.finetune.method, ("full", "lora"))
     _choice(e, "dataset.overlong", cfg.dataset.overlong, ("truncate", "drop"))
     _choice(e, "dataset.on_error", cfg.dataset.on_error, ("raise", "skip"))
+    _choice(e, "template.system_position", cfg.template.system_position, ("turn", "first_user", "last_user"))
     if cfg.backend.name == "deepspeed" and not cfg.backend.ds_config:
         e.append("backend.ds_config is empty: name a DeepSpeed JSON, e.g. backend=deepspeed_zero3.")
     if cfg.backend.ds_config and not resolve_path(cfg.backend.ds_config).is_file():

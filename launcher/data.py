@@ -1,12 +1,21 @@
 """Data: LLaMA-Factory's ``dataset_info.json`` registry -> messages -> token ids and labels, cached on disk.
 
-Preparation runs once, in the launcher process, before any worker starts. Its result is a directory of Arrow
-files keyed by a hash of every input that can change it (data files, tokenizer, template, cutoff, masking), so a
-second run with the same inputs reuses it and a changed input never reuses a stale one.
+Preparation runs once, in the launcher process, before any worker starts (so no collective can time out while it
+runs). Records stream from the files into an Arrow dataset (``Dataset.from_generator``), are tokenised in batches
+with the fast tokenizer (``Dataset.map``, ``dataset.num_proc`` processes), split, and packed; nothing holds all rows
+in a Python list. The result is a directory keyed by a hash of every input that can change it (data files,
+tokenizer files, template, cutoff, masking and split options, this code), so a second run with the same inputs reuses
+it and a changed input never reuses a stale one::
+
+    <cache_dir>/data-<key>/train, eval   Arrow datasets: input_ids, labels (-100 = no loss), length
+    <cache_dir>/data-<key>/*_rows.json   the packing plan (launcher.packing.pack_dataset)
+    <cache_dir>/data-<key>/stats.json    DataStats: what was used, dropped and why
+    <cache_dir>/data-<key>/COMPLETE      written last; a directory without it is never used
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,16 +27,26 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from launcher.config import DatasetConfig, TemplateConfig, resolve_path
-from launcher.templates import Template, TemplateError
+from launcher.templates import Template, TemplateError, normalize_tools, parse_tool_calls
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = "1"  # bump when the cached format or the encoding logic changes
+CACHE_VERSION = "2"  # bump when the cached format changes (the code itself is hashed too)
+DATA_SUFFIXES = (".json", ".jsonl")
+MAX_ERROR_EXAMPLES = 10
+FIX_HINT = ("Fix the record, or set dataset.on_error=skip to drop such records (they are counted and reported).")
 
 Messages = list[dict[str, str]]
 
 
 class DataError(ValueError):
-    """A problem in the user's data; the message names the file, the record and the field."""
+    """A problem in the user's data; the message names the file, the record and the field.
+
+    ``reason`` is a short category used to count skipped records (e.g. "missing field").
+    """
+
+    def __init__(self, message: str, reason: str = "invalid data"):
+        super().__init__(message)
+        self.reason = reason
 
 
 # --------------------------------------------------------------------------------------------- registry
@@ -61,69 +80,109 @@ def load_registry(data_dir: Path, names: list[str]) -> list[DatasetEntry]:
         info = json.loads(info_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise DataError(f"{info_path}, line {err.lineno}: not valid JSON ({err.msg}).") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{info_path}: expected a JSON object of named entries, found {type(info).__name__}.")
     entries = []
     for name in names:
         if name not in info:
             raise DataError(f"dataset {name!r} is not in {info_path}; it has: {', '.join(sorted(info))}. "
                             f"Fix dataset.names or add the entry.")
         spec = info[name]
+        where = f"{info_path}, entry {name!r}"
+        if not isinstance(spec, dict):
+            raise DataError(f"{where}: must be an object with 'file_name', found {type(spec).__name__}.")
         for key, why in _UNSUPPORTED.items():
             if key in spec and "file_name" not in spec:
-                raise DataError(f"{info_path}, entry {name!r}: {why} ({key}), which this launcher does not do "
-                                f"(it runs offline). Download the files and give the entry a 'file_name'.")
+                raise DataError(f"{where}: {why} ({key}), which this launcher does not do (it runs offline). "
+                                f"Download the files and give the entry a 'file_name'.")
         if spec.get("ranking"):
-            raise DataError(f"{info_path}, entry {name!r}: 'ranking: true' marks preference data (DPO/RM); "
-                            f"this launcher does supervised fine-tuning only. Remove it from dataset.names.")
+            raise DataError(f"{where}: 'ranking: true' marks preference data (DPO/RM); this launcher does "
+                            f"supervised fine-tuning only. Remove it from dataset.names.")
         if "file_name" not in spec:
-            raise DataError(f"{info_path}, entry {name!r}: no 'file_name'. Add the data file's name.")
+            raise DataError(f"{where}: no 'file_name'. Add the data file's name (relative to {data_dir}).")
         path = data_dir / spec["file_name"]
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl"))
-        else:
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
+            if not files:
+                raise DataError(f"{where}: folder {path} has no .json or .jsonl files.")
+        elif path.is_file():
+            if path.suffix not in DATA_SUFFIXES:
+                raise DataError(f"{where}: {path.name} is not .json or .jsonl; convert it to JSON lines.")
             files = [path]
-        missing = [str(p) for p in files if not p.is_file()]
-        if missing or not files:
-            raise DataError(f"{info_path}, entry {name!r}: file_name {spec['file_name']!r} not found "
-                            f"({', '.join(missing) or 'empty folder'}).")
+        else:
+            raise DataError(f"{where}: file_name {spec['file_name']!r} not found ({path}).")
         formatting = spec.get("formatting", "alpaca")
         if formatting not in ("alpaca", "sharegpt"):
-            raise DataError(f"{info_path}, entry {name!r}: formatting {formatting!r} is not 'alpaca' or 'sharegpt'.")
+            raise DataError(f"{where}: formatting {formatting!r} is not 'alpaca' or 'sharegpt'.")
+        for key in ("columns", "tags"):
+            if not isinstance(spec.get(key, {}), dict):
+                raise DataError(f"{where}: {key!r} must be an object mapping names to column/tag names.")
         entries.append(DatasetEntry(name, files, formatting, spec.get("columns", {}), spec.get("tags", {})))
     return entries
 
 
 # --------------------------------------------------------------------------------------------- reading
-def read_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (record number, record) from a JSON list or a JSON-lines file; errors name the line."""
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if path.suffix == ".jsonl" or (stripped and stripped[0] == "{"):
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}, line {lineno}: not valid JSON ({err.msg}, column {err.colno}).") from None
+def read_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """Yield (where, record) from a JSON list or a JSON-lines file; ``where`` names the file and record.
+
+    JSON lines are streamed, and a line that is not valid JSON is yielded as a DataError (the caller raises or
+    skips it); a JSON list is parsed whole (use JSON lines for very large files).
+    """
+    with path.open(encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if path.suffix == ".jsonl" or head.startswith("{"):
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    # Yielded, not raised: one bad line can be skipped (dataset.on_error=skip); a broken JSON list
+                    # below cannot.
+                    record = DataError(f"{path}, line {lineno}: not valid JSON ({err.msg}, column {err.colno}).",
+                                       "invalid JSON")
+                yield f"{path}, line {lineno}", record
         return
     try:
-        data = json.loads(text)
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}, column {err.colno}).") from None
+        raise DataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}, column {err.colno}).",
+                        "invalid JSON") from None
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records (or JSON lines), found {type(data).__name__}.")
-    yield from enumerate(data)
+        raise DataError(f"{path}: expected a JSON list of records (or JSON lines), found {type(data).__name__}.",
+                        "invalid JSON")
+    for i, record in enumerate(data):
+        yield f"{path}, record {i}", record
 
 
+# --------------------------------------------------------------------------------------------- formats
 def _text(record: dict, key: str, where: str, required: bool = True) -> str:
-    value = record.get(key)
-    if value is None or value == "":
+    """A string field: missing/None and non-strings are errors (when required), named with the field."""
+    if key not in record or record[key] is None:
         if required:
-            raise DataError(f"{where}: field {key!r} is missing or empty.")
+            raise DataError(f"{where}: field {key!r} is missing.", "missing field")
         return ""
+    value = record[key]
     if not isinstance(value, str):
-        raise DataError(f"{where}: field {key!r} must be a string, found {type(value).__name__}.")
+        raise DataError(f"{where}: field {key!r} must be a string, found {type(value).__name__}.", "not a string")
     return value
+
+
+def _tools(record: dict, key: str, where: str) -> list[dict[str, Any]]:
+    if record.get(key) in (None, "", []):
+        return []
+    try:
+        return normalize_tools(record[key])
+    except ValueError as err:
+        raise DataError(f"{where}: field {key!r} (the tools) {err}.", "invalid tools") from None
+
+
+def _check_call(content: str, where: str) -> None:
+    try:
+        parse_tool_calls(content)
+    except ValueError as err:
+        raise DataError(f"{where}: {err}.", "invalid function call") from None
 
 
 def alpaca_to_messages(record: dict, columns: dict[str, str], where: str) -> Messages:
@@ -137,195 +196,346 @@ def alpaca_to_messages(record: dict, columns: dict[str, str], where: str) -> Mes
         msgs.append({"role": "system", "content": system})
     history = record.get(c["history"]) or []
     if not isinstance(history, list):
-        raise DataError(f"{where}: field {c['history']!r} must be a list of [user, assistant] pairs.")
+        raise DataError(f"{where}: field {c['history']!r} must be a list of [user, assistant] pairs, found "
+                        f"{type(history).__name__}.", "invalid history")
     for i, pair in enumerate(history):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) and x for x in pair)):
-            raise DataError(f"{where}: {c['history']}[{i}] must be a pair of two non-empty strings.")
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise DataError(f"{where}: field {c['history']!r}[{i}] must be a pair of two strings [user, assistant].",
+                            "invalid history")
+        if not pair[1].strip():
+            raise DataError(f"{where}: field {c['history']!r}[{i}] has an empty assistant reply; there is nothing "
+                            f"to train on.", "empty reply")
         msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     prompt = _text(record, c["prompt"], where)
     query = _text(record, c["query"], where, required=False)
-    msgs.append({"role": "user", "content": f"{prompt}\n{query}" if query else prompt})
-    msgs.append({"role": "assistant", "content": _text(record, c["response"], where)})
+    user = "\n".join(x for x in (prompt, query) if x)
+    if not user.strip():
+        raise DataError(f"{where}: fields {c['prompt']!r} and {c['query']!r} are both empty.", "empty prompt")
+    response = _text(record, c["response"], where)
+    if not response.strip():
+        raise DataError(f"{where}: field {c['response']!r} is empty: an empty assistant reply has nothing to "
+                        f"train on.", "empty reply")
+    msgs.append({"role": "user", "content": user})
+    msgs.append({"role": "assistant", "content": response})
     return msgs
 
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "observation": "observation", "function_call": "function_call",
-                   "function": "function_call", "tool": "observation"}
+                   "function": "function_call", "tool": "observation", "ipython": "observation"}
+
+
+def _openai_tool_calls(turn: dict, at: str) -> str:
+    """An OpenAI assistant message's ``tool_calls`` as our function_call content (JSON list of name/arguments)."""
+    calls = []
+    for k, call in enumerate(turn["tool_calls"]):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise DataError(f"{at}: tool_calls[{k}] needs a function with a string 'name'.", "invalid function call")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            with contextlib.suppress(json.JSONDecodeError):
+                args = json.loads(args)  # the OpenAI API sends arguments as a JSON string
+        calls.append({"name": fn["name"], "arguments": args})
+    return json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
 
 
 def sharegpt_to_messages(record: dict, entry: DatasetEntry, where: str) -> Messages:
     """sharegpt (`conversations` of from/value) or OpenAI (`messages` of role/content), tag names remappable."""
     c, t = entry.columns, entry.tags
-    openai = "messages" in record and "conversations" not in record
-    key = c.get("messages", "messages" if openai else "conversations")
-    role_tag = t.get("role_tag", "role" if openai else "from")
-    content_tag = t.get("content_tag", "content" if openai else "value")
+    key = c.get("messages") or ("messages" if "messages" in record and "conversations" not in record
+                                else "conversations")
+    role_tag = t.get("role_tag", "role" if key == "messages" else "from")
+    content_tag = t.get("content_tag", "content" if key == "messages" else "value")
     roles = dict(_SHAREGPT_ROLES)
     for tag, role in [("user_tag", "user"), ("assistant_tag", "assistant"), ("observation_tag", "observation"),
                       ("function_tag", "function_call"), ("system_tag", "system")]:
         if tag in t:
             roles[t[tag]] = role
-    turns = record.get(key)
+    if key not in record:
+        raise DataError(f"{where}: field {key!r} is missing (the list of turns).", "missing field")
+    turns = record[key]
     if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: field {key!r} is missing or not a non-empty list of turns.")
-    msgs: Messages = []
+        raise DataError(f"{where}: field {key!r} must be a non-empty list of turns, found "
+                        f"{type(turns).__name__ if not isinstance(turns, list) else 'an empty list'}.",
+                        "missing field")
     system = _text(record, c["system"], where, required=False) if "system" in c else ""
-    if system:
-        msgs.append({"role": "system", "content": system})
+    msgs: Messages = []
     for i, turn in enumerate(turns):
         at = f"{where}, {key}[{i}]"
         if not isinstance(turn, dict):
-            raise DataError(f"{at}: a turn must be an object with {role_tag!r} and {content_tag!r}.")
-        role = roles.get(turn.get(role_tag))
+            raise DataError(f"{at}: a turn must be an object with {role_tag!r} and {content_tag!r}, found "
+                            f"{type(turn).__name__}.", "invalid turn")
+        if role_tag not in turn:
+            raise DataError(f"{at}: field {role_tag!r} is missing.", "missing field")
+        role = roles.get(turn[role_tag]) if isinstance(turn[role_tag], str) else None
         if role is None:
-            raise DataError(f"{at}: {role_tag}={turn.get(role_tag)!r} is not a known role "
-                            f"({', '.join(sorted(roles))}); map it with 'tags' in dataset_info.json.")
-        content = turn.get(content_tag)
-        if not isinstance(content, str):
-            raise DataError(f"{at}: {content_tag!r} must be a string, found {type(content).__name__}.")
-        if role == "system":
-            if msgs or i:
-                raise DataError(f"{at}: a system turn may only come first.")
-            msgs.append({"role": "system", "content": content})
+            raise DataError(f"{at}: {role_tag}={turn[role_tag]!r} is not a known role ({', '.join(sorted(roles))}); "
+                            f"map it with 'tags' in dataset_info.json.", "unknown role")
+        if role == "assistant" and isinstance(turn.get("tool_calls"), list) and turn["tool_calls"]:
+            msgs.append({"role": "function_call", "content": _openai_tool_calls(turn, at)})
             continue
+        if content_tag not in turn or turn[content_tag] is None:
+            raise DataError(f"{at}: field {content_tag!r} is missing.", "missing field")
+        content = turn[content_tag]
+        if not isinstance(content, str):
+            raise DataError(f"{at}: field {content_tag!r} must be a string, found {type(content).__name__}.",
+                            "not a string")
+        if role == "system":
+            if i:
+                raise DataError(f"{at}: a system turn may only come first.", "roles out of order")
+            system = content  # a system turn overrides the system column, as in LLaMA-Factory
+            continue
+        if role == "function_call":
+            _check_call(content, at)
         msgs.append({"role": role, "content": content})
-    body = msgs[1:] if msgs and msgs[0]["role"] == "system" else msgs
-    for i, m in enumerate(body):
+    offset = 1 if turns and roles.get(turns[0].get(role_tag)) == "system" else 0
+    for i, m in enumerate(msgs):
         expect = ("user", "observation") if i % 2 == 0 else ("assistant", "function_call")
         if m["role"] not in expect:
-            raise DataError(f"{where}: turn {i} has role {m['role']!r} where {' or '.join(expect)} is expected: "
-                            f"turns must alternate user/observation and assistant/function_call.")
-    if not body or len(body) % 2:
-        raise DataError(f"{where}: the conversation must end with an assistant turn.")
-    for i in range(1, len(body), 2):
-        if not body[i]["content"].strip():
-            raise DataError(f"{where}: assistant turn {i} is empty; there is nothing to train on.")
-    return msgs
+            raise DataError(f"{where}, {key}[{i + offset}]: role {m['role']!r} where {' or '.join(expect)} is "
+                            f"expected: turns must alternate user/observation and assistant/function_call.",
+                            "roles out of order")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise DataError(f"{where}, {key}[{i + offset}]: the assistant reply is empty; there is nothing to "
+                            f"train on.", "empty reply")
+    if not msgs:
+        raise DataError(f"{where}: field {key!r} has no user or assistant turns.", "missing field")
+    if len(msgs) % 2:
+        raise DataError(f"{where}, {key}[{len(msgs) - 1 + offset}]: the conversation ends with a "
+                        f"{msgs[-1]['role']} turn; it must end with an assistant reply.", "roles out of order")
+    return ([{"role": "system", "content": system}] if system else []) + msgs
 
 
-def to_messages(record: Any, entry: DatasetEntry, where: str) -> Messages:
+def to_messages(record: Any, entry: DatasetEntry, where: str) -> tuple[Messages, list[dict[str, Any]]]:
+    """One record -> (messages, tools). Raises DataError naming ``where`` and the field."""
+    if isinstance(record, DataError):
+        raise record
     if not isinstance(record, dict):
-        raise DataError(f"{where}: a record must be a JSON object, found {type(record).__name__}.")
+        raise DataError(f"{where}: a record must be a JSON object, found {type(record).__name__}.", "not an object")
     if entry.formatting == "alpaca":
-        return alpaca_to_messages(record, entry.columns, where)
-    return sharegpt_to_messages(record, entry, where)
+        msgs = alpaca_to_messages(record, entry.columns, where)
+    else:
+        msgs = sharegpt_to_messages(record, entry, where)
+    return msgs, _tools(record, entry.columns.get("tools", "tools"), where)
 
 
 # --------------------------------------------------------------------------------------------- preparation
 @dataclass
 class DataStats:
-    """What preparation did; printed at start and kept in the run summary."""
+    """What preparation did; printed at start, kept in stats.json, and shown by launcher.inspect_data."""
 
-    records: int = 0
-    used: int = 0
-    dropped_errors: int = 0
-    dropped_overlong: int = 0
-    truncated: int = 0
+    records: int = 0  # read from the files (after max_samples)
+    used: int = 0  # training records
     eval_records: int = 0
-    tokens: int = 0
-    supervised_tokens: int = 0
-    errors: list[str] = field(default_factory=list)  # the first few skip reasons
+    dropped_errors: int = 0  # malformed records skipped with dataset.on_error=skip
+    dropped_overlong: int = 0  # no trained token fits cutoff_len, or longer than it with dataset.overlong=drop
+    truncated: int = 0  # kept, with earlier turns (or the end of the last reply) cut to fit
+    tokens: int = 0  # training tokens
+    supervised_tokens: int = 0  # training tokens with a loss
+    per_dataset: dict[str, int] = field(default_factory=dict)  # records read per dataset name
+    error_reasons: dict[str, int] = field(default_factory=dict)  # skipped records per reason
+    errors: list[str] = field(default_factory=list)  # the first few skip messages, with file and record
 
 
-def _hash_inputs(cfg: DatasetConfig, template: TemplateConfig, tokenizer_dir: Path,
-                 entries: list[DatasetEntry], seed: int) -> str:
+def _code_hash() -> bytes:
+    """The code that decides what a prepared dataset contains; a change to it invalidates the cache."""
+    here = Path(__file__).parent
+    return b"".join((here / f).read_bytes() for f in ("data.py", "templates.py", "packing.py"))
+
+
+def cache_key(cfg: DatasetConfig, template: TemplateConfig, tokenizer_dir: Path, entries: list[DatasetEntry],
+              seed: int) -> str:
+    """Hash of every input of preparation: data file contents, tokenizer files, template definition, cutoff,
+    masking, split and packing options, and the preparation code. (num_proc and cache_dir do not change it.)"""
     h = hashlib.sha256(CACHE_VERSION.encode())
+    h.update(hashlib.sha256(_code_hash()).digest())
     for key in ("cutoff_len", "packing", "overlong", "on_error", "train_on_prompt", "mask_history",
                 "max_samples", "val_size"):
         h.update(f"{key}={getattr(cfg, key)};".encode())
     h.update(json.dumps(asdict(template), sort_keys=True).encode())
-    h.update(f"seed={seed}".encode())
-    for p in sorted(tokenizer_dir.glob("tokenizer*")) + sorted(tokenizer_dir.glob("special_tokens_map.json")):
-        h.update(p.name.encode() + p.read_bytes())
+    h.update(f"seed={seed};".encode())
+    tok_files = sorted(p for p in tokenizer_dir.glob("*") if p.is_file() and (
+        p.name.startswith("tokenizer") or p.name in ("special_tokens_map.json", "added_tokens.json", "vocab.json",
+                                                     "merges.txt", "chat_template.jinja")))
+    for p in tok_files:
+        h.update(p.name.encode() + hashlib.sha256(p.read_bytes()).digest())
     for e in entries:
         h.update(json.dumps([e.name, e.formatting, e.columns, e.tags], sort_keys=True).encode())
         for f in e.files:
-            h.update(str(f.name).encode() + hashlib.sha256(f.read_bytes()).digest())
+            digest = hashlib.sha256()
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+            h.update(str(f.name).encode() + digest.digest())
     return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _progress_bars() -> Iterator[None]:
+    """Show the datasets progress bars (generation, tokenisation) for preparation only."""
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    datasets.enable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was:
+            datasets.disable_progress_bars()
+
+
+def _records(entries: list[DatasetEntry], cfg: DatasetConfig, template: Template, stats: DataStats
+             ) -> Iterator[dict[str, Any]]:
+    """Converted records, one at a time: {"messages", "tools" (JSON text, "" for none)}. Errors raise or are
+    counted in ``stats`` according to ``cfg.on_error``."""
+    for entry in entries:
+        n = 0
+        for file in entry.files:
+            if cfg.max_samples is not None and n >= cfg.max_samples:
+                break
+            for where, record in read_records(file):
+                if cfg.max_samples is not None and n >= cfg.max_samples:
+                    break
+                n += 1
+                stats.records += 1
+                try:
+                    msgs, tools = to_messages(record, entry, where)
+                    try:
+                        template.check(msgs, tools)  # roles/tools the template cannot render fail here
+                    except TemplateError as err:
+                        raise DataError(f"{where}: {err}.", "template cannot render") from None
+                except DataError as err:
+                    if cfg.on_error == "raise":
+                        raise DataError(f"{err} {FIX_HINT}", err.reason) from None
+                    stats.dropped_errors += 1
+                    stats.error_reasons[err.reason] = stats.error_reasons.get(err.reason, 0) + 1
+                    if len(stats.errors) < MAX_ERROR_EXAMPLES:
+                        stats.errors.append(str(err))
+                    continue
+                yield {"messages": msgs, "tools": json.dumps(tools, ensure_ascii=False) if tools else ""}
+        stats.per_dataset[entry.name] = n
+
+
+def _encode(batch: dict[str, list], template: Template, cutoff_len: int, train_on_prompt: bool,
+            mask_history: bool, drop_truncated: bool) -> dict[str, list]:
+    """Batched map function: conversations -> input_ids, labels, length (+ counters dropped after summing)."""
+    tools = [json.loads(t) if t else None for t in batch["tools"]]
+    encoded = template.encode_batch(batch["messages"], cutoff_len, train_on_prompt=train_on_prompt,
+                                    mask_history=mask_history, tools=tools)
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "supervised": [], "truncated": []}
+    for enc in encoded:
+        if enc is None or (enc.truncated and drop_truncated):
+            continue  # counted as dropped for length: rows in minus rows out
+        out["input_ids"].append(enc.input_ids)
+        out["labels"].append(enc.labels)
+        out["length"].append(len(enc.input_ids))
+        out["supervised"].append(enc.num_supervised)
+        out["truncated"].append(enc.truncated)
+    return out
+
+
+def _no_records(cfg: DatasetConfig, data_dir: Path, stats: DataStats) -> DataError:
+    return DataError(f"no usable records in {', '.join(cfg.names)} under {data_dir}: {stats.records} read, "
+                     f"{stats.dropped_errors} skipped for errors" + (f" (e.g. {stats.errors[0].rstrip('.')})" if stats.errors
+                                                                     else "") + ".")
+
+
+def _column_sum(table: Any, column: str) -> int:
+    """Sum of one column of a pyarrow Table (bool columns count their true values)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = table.column(column)
+    if pa.types.is_boolean(col.type):
+        col = pc.cast(col, pa.int64())
+    return int(pc.sum(col).as_py() or 0)
 
 
 def prepare(cfg: DatasetConfig, template_cfg: TemplateConfig, tokenizer: Any, tokenizer_dir: Path,
             seed: int) -> tuple[Path, DataStats, bool]:
     """Tokenise, mask, split and pack the configured datasets; returns (prepared dir, stats, cache hit)."""
+    import datasets
+
     from launcher.packing import pack_dataset
 
     data_dir = resolve_path(cfg.dir)
     entries = load_registry(data_dir, list(cfg.names))
-    key = _hash_inputs(cfg, template_cfg, tokenizer_dir, entries, seed)
+    key = cache_key(cfg, template_cfg, tokenizer_dir, entries, seed)
     cache_root = resolve_path(cfg.cache_dir)
     out = cache_root / f"data-{key}"
     if (out / "COMPLETE").is_file():
-        stats = DataStats(**json.loads((out / "stats.json").read_text()))
-        return out, stats, True
+        return out, DataStats(**json.loads((out / "stats.json").read_text())), True
 
     template = Template(template_cfg, tokenizer)
     stats = DataStats()
-    convs: list[Messages] = []
-    for entry in entries:
-        n = 0
-        for file in entry.files:
-            for idx, record in read_records(file):
-                if cfg.max_samples is not None and n >= cfg.max_samples:
-                    break
-                n += 1
-                stats.records += 1
-                where = f"{file}, record {idx}" if file.suffix != ".jsonl" else f"{file}, line {idx}"
-                try:
-                    msgs = to_messages(record, entry, where)
-                    template._turns(msgs)  # roles the template cannot render fail here, with the record named
-                except (DataError, TemplateError) as err:
-                    msg = str(err) if isinstance(err, DataError) else f"{where}: {err}"
-                    if cfg.on_error == "raise":
-                        raise DataError(f"{msg} Fix the record, or set dataset.on_error=skip to drop such "
-                                        f"records (they are counted and reported).") from None
-                    stats.dropped_errors += 1
-                    if len(stats.errors) < 5:
-                        stats.errors.append(msg)
-                    continue
-                convs.append(msgs)
-    if not convs:
-        raise DataError(f"no usable records in {', '.join(cfg.names)} under {data_dir}.")
-
-    encoded = []
-    batch = 1024
-    for start in range(0, len(convs), batch):
-        for enc in template.encode_batch(convs[start:start + batch], cfg.cutoff_len,
-                                         train_on_prompt=cfg.train_on_prompt, mask_history=cfg.mask_history):
-            if enc is None or (enc.truncated and cfg.overlong == "drop"):
-                stats.dropped_overlong += 1
-                continue
-            stats.truncated += enc.truncated
-            encoded.append(enc)
-    if not encoded:
-        raise DataError(f"every record was dropped as longer than dataset.cutoff_len={cfg.cutoff_len}; "
-                        f"raise cutoff_len or use dataset.overlong=truncate.")
-
-    import random
-
-    order = list(range(len(encoded)))
-    n_eval = int(cfg.val_size if cfg.val_size >= 1 else round(cfg.val_size * len(encoded)))
-    if n_eval:
-        random.Random(seed).shuffle(order)
-    eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
-    stats.used, stats.eval_records = len(train_idx), len(eval_idx)
-    stats.tokens = sum(len(encoded[i].input_ids) for i in train_idx)
-    stats.supervised_tokens = sum(encoded[i].num_supervised for i in train_idx)
-
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".data-{key}-", dir=cache_root))
+    if cfg.num_proc > 1:
+        # Forked map workers must not inherit a used tokenizer thread pool (tokenizers warns and disables it);
+        # with one process the fast tokenizer's own threads tokenise each batch in parallel.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        import datasets
+        features = datasets.Features({
+            "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+            "tools": datasets.Value("string"),
+        })
+        with _progress_bars():
+            try:
+                raw = datasets.Dataset.from_generator(
+                    _records, features=features, cache_dir=str(tmp / "work"), fingerprint=f"{key}-records",
+                    gen_kwargs={"entries": entries, "cfg": cfg, "template": template, "stats": stats})
+            except Exception as err:
+                cause: BaseException | None = err
+                while cause is not None and not isinstance(cause, DataError):
+                    cause = cause.__cause__ or cause.__context__
+                if isinstance(cause, DataError):
+                    raise cause from None
+                if stats.records == stats.dropped_errors:  # datasets cannot build an empty split
+                    raise _no_records(cfg, data_dir, stats) from None
+                raise
+            if len(raw) == 0:
+                raise _no_records(cfg, data_dir, stats)
+            tokenized = raw.map(
+                _encode, batched=True, batch_size=1000, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+                remove_columns=raw.column_names, new_fingerprint=f"{key}-tokens", desc="Tokenizing",
+                fn_kwargs={"template": template, "cutoff_len": cfg.cutoff_len,
+                           "train_on_prompt": cfg.train_on_prompt, "mask_history": cfg.mask_history,
+                           "drop_truncated": cfg.overlong == "drop"},
+                features=datasets.Features({
+                    "input_ids": datasets.List(datasets.Value("int32")),
+                    "labels": datasets.List(datasets.Value("int32")),
+                    "length": datasets.Value("int32"), "supervised": datasets.Value("int32"),
+                    "truncated": datasets.Value("bool")}))
+        stats.dropped_overlong = len(raw) - len(tokenized)
+        if len(tokenized) == 0:
+            raise DataError(f"every record was dropped as longer than dataset.cutoff_len={cfg.cutoff_len}; "
+                            f"raise cutoff_len or use dataset.overlong=truncate.")
 
-        for split, idx in (("train", train_idx), ("eval", eval_idx)):
-            ds = datasets.Dataset.from_dict({
-                "input_ids": [encoded[i].input_ids for i in idx],
-                "labels": [encoded[i].labels for i in idx],
-            })
-            ds.save_to_disk(str(tmp / split))
-            if idx:
-                pack_dataset(ds, cfg.cutoff_len, cfg.packing, tmp / f"{split}_rows.json")
-        (tmp / "stats.json").write_text(json.dumps(asdict(stats), indent=1))
+        n_eval = int(cfg.val_size if cfg.val_size >= 1 else round(cfg.val_size * len(tokenized)))
+        if n_eval >= len(tokenized):
+            raise DataError(f"dataset.val_size={cfg.val_size} holds out {n_eval} of {len(tokenized)} usable "
+                            f"records, leaving none to train on; lower it.")
+        if n_eval:
+            split = tokenized.train_test_split(test_size=n_eval, shuffle=True, seed=seed)
+            parts = {"train": split["train"], "eval": split["test"]}
+        else:
+            parts = {"train": tokenized, "eval": tokenized.select([])}
+        for name, part in parts.items():
+            counts = part.select_columns(["length", "supervised", "truncated"]).with_format("arrow")[:]
+            if name == "train":
+                stats.used = len(part)
+                stats.tokens = _column_sum(counts, "length")
+                stats.supervised_tokens = _column_sum(counts, "supervised")
+                stats.truncated = _column_sum(counts, "truncated")
+            else:
+                stats.eval_records = len(part)
+            part.remove_columns(["supervised", "truncated"]).save_to_disk(str(tmp / name))
+            if len(part):
+                pack_dataset(datasets.load_from_disk(str(tmp / name)), cfg.cutoff_len, cfg.packing,
+                             tmp / f"{name}_rows.json")
+        shutil.rmtree(tmp / "work", ignore_errors=True)
+        (tmp / "stats.json").write_text(json.dumps(asdict(stats), indent=1, ensure_ascii=False))
         (tmp / "COMPLETE").write_text(key)
         try:
             os.rename(tmp, out)

@@ -1,17 +1,25 @@
-"""Chat templates: conversation messages -> token ids and labels.
+"""Chat templates: conversation messages -> text, token ids and labels, and the same format as a Jinja template.
 
-A template is config (``conf/template/<name>.yaml``): slots of markup with a ``{{content}}`` hole. Two rules make
-the encoding safe:
+A template is config (``conf/template/<name>.yaml``): slots of markup with holes such as ``{{content}}``. Rules that
+make the encoding safe:
 
 * Content is data, never markup. Control tokens are recognised only in the template's own slots; a record whose
   text contains ``<|eot_id|>`` or ``{{content}}`` is tokenised as that plain text.
-* Every assistant reply is tokenised on its own, starting right after the generation header, so the prompt part
-  is exactly what the model sees at inference (``add_generation_prompt=True``), and the trained labels cover the
-  reply plus its end-of-turn marker.
+* Every reply is tokenised on its own, starting right after the reply header that ends the prompt slot, so the
+  prompt part is exactly what the model sees at inference (``add_generation_prompt=True``), and the trained labels
+  cover the reply plus its end-of-turn marker.
+* :meth:`Template.to_jinja` writes the same format as a Hugging Face ``chat_template``, so a model exported after
+  training formats prompts exactly as training did (tests check it with ``tokenizer.apply_chat_template``).
+
+Messages are ``{"role", "content"}`` dicts with roles ``system`` (first only), ``user``, ``assistant``, and for tool
+use ``function_call`` (a reply whose content is the JSON of one call ``{"name", "arguments"}`` or a list of them)
+and ``observation`` (a tool result, answered by the next reply). Tools are a list of JSON schemas, passed apart.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -21,10 +29,18 @@ from launcher.config import TemplateConfig
 IGNORE_INDEX = -100
 PROMPT_ROLES = ("user", "observation")
 REPLY_ROLES = ("assistant", "function_call")
+SYSTEM_POSITIONS = ("turn", "first_user", "last_user")
+# Which holes each slot may contain; anything else in braces is literal markup.
+_HOLES = {"prefix": (), "system": ("content",), "user": ("content",), "assistant": ("content",), "separator": (),
+          "observation": ("content",), "function_call": ("content",), "tool_call": ("name", "arguments"),
+          "tools": ("content", "tools"), "tool_item": ("tool",)}
+_HOLE_RE = re.compile(r"(\{\{(?:content|tools|tool|name|arguments)\}\})")
+
+Messages = Sequence[dict[str, str]]
 
 
 class TemplateError(ValueError):
-    """A conversation this template cannot render."""
+    """A conversation (or template definition) this template cannot render."""
 
 
 @dataclass
@@ -40,136 +56,429 @@ class Encoded:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
 
+Piece = tuple[str, bool]  # (text, is_markup)
+
+
 @dataclass
 class _Turn:
-    """Pieces of one unit of the encoding: (text, is_markup) pairs, tokenised together."""
+    """Pieces of one unit of the encoding, tokenised together."""
 
-    pieces: list[tuple[str, bool]] = field(default_factory=list)
-    trained: bool = False
+    pieces: list[Piece] = field(default_factory=list)
 
-    def add(self, slot: str, content: str | None = None) -> None:
-        if content is None:
-            self.pieces.append((slot, True))
-            return
-        before, _, after = slot.partition("{{content}}")
-        self.pieces += [(before, True), (content, False), (after, True)]
+    def text(self) -> str:
+        return "".join(t for t, _ in self.pieces)
 
 
+# ------------------------------------------------------------------------------------------------ tool data
+def normalize_tools(tools: Any) -> list[dict[str, Any]]:
+    """Tools as a list of OpenAI-style ``{"type": "function", "function": schema}`` dicts.
+
+    Accepts the JSON string LLaMA-Factory data keeps in its ``tools`` column, a list, or bare function schemas
+    (wrapped, as LLaMA-Factory does). Raises ValueError with the reason when the value is not a list of objects.
+    """
+    if isinstance(tools, str):
+        if not tools.strip():
+            return []
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"not valid JSON ({err.msg})") from None
+    if tools is None:
+        return []
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ValueError("must be a list of JSON objects (function schemas)")
+    return [t if t.get("type") == "function" and "function" in t else {"type": "function", "function": t}
+            for t in tools]
+
+
+def parse_tool_calls(content: str) -> list[tuple[str, Any]]:
+    """(name, arguments) of the calls in a function_call message: ``{"name", "arguments"}`` or a list of them."""
+    try:
+        calls = json.loads(content)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"a function_call must be JSON {{\"name\": ..., \"arguments\": {{...}}}} ({err.msg})") from None
+    if isinstance(calls, dict):
+        calls = [calls]
+    if not isinstance(calls, list) or not calls:
+        raise ValueError("a function_call must be a JSON object {\"name\": ..., \"arguments\": {...}} or a list of them")
+    out = []
+    for call in calls:
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or "arguments" not in call:
+            raise ValueError("each function call needs a string \"name\" and \"arguments\"")
+        out.append((call["name"], call["arguments"]))
+    return out
+
+
+def _arguments_text(arguments: Any) -> str:
+    # As the Jinja side prints them: a string as is, anything else as JSON (transformers' tojson).
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+
+
+def to_openai_messages(messages: Messages) -> list[dict[str, Any]]:
+    """Our messages in the shape ``apply_chat_template`` and OpenAI-compatible servers take: function_call ->
+    assistant with ``tool_calls``, observation -> ``tool``."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if m["role"] == "function_call":
+            calls = [{"type": "function", "function": {"name": n, "arguments": a}}
+                     for n, a in parse_tool_calls(m["content"])]
+            out.append({"role": "assistant", "content": "", "tool_calls": calls})
+        elif m["role"] == "observation":
+            out.append({"role": "tool", "content": m["content"]})
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ template
 class Template:
     """Renders and encodes conversations for one chat format."""
 
     def __init__(self, cfg: TemplateConfig, tokenizer: Any):
         self.cfg = cfg
         self.tokenizer = tokenizer
-        specials = {"{{bos}}": tokenizer.bos_token or "", "{{eos}}": tokenizer.eos_token or ""}
-        self._slot = {
-            name: _fill(getattr(cfg, name), specials)
-            for name in ("prefix", "system", "user", "assistant", "observation", "function_call", "separator")
-        }
+        self.bos = tokenizer.bos_token or ""
+        self.eos = tokenizer.eos_token or ""
+        specials = {"{{bos}}": self.bos, "{{eos}}": self.eos}
+        self._slot: dict[str, str] = {}
+        for name, allowed in _HOLES.items():
+            slot = getattr(cfg, name)
+            for k, v in specials.items():
+                slot = slot.replace(k, v)
+            used = {h[2:-2] for h in _HOLE_RE.findall(slot)}
+            if used - set(allowed):
+                raise TemplateError(f"template {cfg.name!r}: slot {name!r} may contain only "
+                                    f"{', '.join('{{%s}}' % a for a in allowed) or 'no holes'}, "
+                                    f"found {', '.join('{{%s}}' % u for u in sorted(used - set(allowed)))}.")
+            self._slot[name] = slot
+        if cfg.system_position not in SYSTEM_POSITIONS:
+            raise TemplateError(f"template {cfg.name!r}: system_position={cfg.system_position!r} is not one of "
+                                f"{', '.join(SYSTEM_POSITIONS)}.")
+        if cfg.tools and cfg.system_position != "turn":
+            raise TemplateError(f"template {cfg.name!r}: a tools slot needs system_position: turn (the tools are "
+                                f"rendered in the system turn).")
+        if bool(cfg.function_call) != bool(cfg.tool_call):
+            raise TemplateError(f"template {cfg.name!r}: function_call and tool_call go together; set both or neither.")
         added = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, added)) + ")") if added else None
         self._added = set(added)
+        # Slots split once into literal parts and hole names; markup split once into control tokens and text.
+        self._parts = {name: [(p[2:-2], True) if _HOLE_RE.fullmatch(p) else (p, False)
+                              for p in _HOLE_RE.split(slot) if p] for name, slot in self._slot.items()}
+        self._markup_atoms: dict[str, list[tuple[bool, str]]] = {}
+
+    # ---------------------------------------------------------------- slots
+    def _fill(self, slot_name: str, **holes: str | list[Piece]) -> list[Piece]:
+        """A slot as pieces: its literal text is markup, what fills a hole is data (unless given as pieces)."""
+        pieces: list[Piece] = []
+        for part, is_hole in self._parts[slot_name]:
+            if not is_hole:
+                pieces.append((part, True))
+            else:
+                value = holes[part]
+                pieces += value if isinstance(value, list) else [(value, False)]
+        return pieces
+
+    def _require(self, slot_name: str, role: str) -> str:
+        if not self._slot[slot_name]:
+            raise TemplateError(f"template {self.cfg.name!r} has no {slot_name!r} slot, so it cannot render "
+                                f"{role} turns; pick a template with tool support (e.g. llama3, qwen)")
+        return slot_name
+
+    def _tool_list(self, tools: list[dict[str, Any]]) -> list[Piece]:
+        pieces: list[Piece] = []
+        for tool in tools:
+            pieces += self._fill("tool_item", tool=json.dumps(tool, ensure_ascii=False, indent=self.cfg.tool_indent))
+        return pieces
+
+    def _calls(self, content: str) -> list[Piece]:
+        try:
+            calls = parse_tool_calls(content)
+        except ValueError as err:
+            raise TemplateError(str(err)) from None
+        pieces: list[Piece] = []
+        for i, (name, arguments) in enumerate(calls):
+            if i:
+                pieces.append(("\n", True))
+            pieces += self._fill("tool_call", name=name, arguments=_arguments_text(arguments))
+        return pieces
 
     # ---------------------------------------------------------------- rendering
-    def _turns(self, messages: Sequence[dict[str, str]]) -> tuple[_Turn, list[tuple[_Turn, _Turn, _Turn]]]:
-        """Split a conversation into a head (prefix + system) and (separator, prompt, reply) triples."""
+    def _turns(self, messages: Messages, tools: Sequence[dict[str, Any]] | None = None,
+               generation: bool = False) -> tuple[_Turn, list[tuple[_Turn, _Turn, _Turn]]]:
+        """Split a conversation into a head (prefix + system) and (separator, prompt, reply) triples.
+
+        With ``generation`` the conversation ends with a prompt and the last triple's reply is empty.
+        """
         msgs = list(messages)
         system = self.cfg.default_system
         if msgs and msgs[0]["role"] == "system":
             system = msgs.pop(0)["content"]
-        head = _Turn()
-        head.add(self._slot["prefix"])
-        if system and not self.cfg.system_in_user:
-            head.add(self._slot["system"], system)
-        if len(msgs) % 2 or not msgs:
+        if generation:
+            msgs.append({"role": "assistant", "content": ""})
+        if not msgs or len(msgs) % 2:
             raise TemplateError("a conversation must alternate prompt and reply turns and end with a reply")
-        pairs = []
+        for i in range(0, len(msgs), 2):
+            prompt, reply = msgs[i]["role"], msgs[i + 1]["role"]
+            if prompt not in PROMPT_ROLES or reply not in REPLY_ROLES:
+                raise TemplateError(f"turn {i} is {prompt!r} then {reply!r}; expected user/observation then "
+                                    f"assistant/function_call")
+        position = self.cfg.system_position
+        user_turns = [i for i in range(0, len(msgs), 2) if msgs[i]["role"] == "user"]
+        system_at = None
+        if system and position != "turn":
+            if not user_turns:
+                raise TemplateError("the system prompt goes into a user turn, and this conversation has none")
+            system_at = user_turns[0] if position == "first_user" else user_turns[-1]
+
+        head = _Turn(self._fill("prefix"))
+        if tools:
+            if not self.cfg.tools:
+                raise TemplateError(f"template {self.cfg.name!r} has no 'tools' slot, so it cannot render a "
+                                    f"conversation with tools; pick a template with tool support (e.g. llama3, qwen)")
+            head.pieces += self._fill("tools", content=system or "", tools=self._tool_list(list(tools)))
+        elif system and position == "turn":
+            head.pieces += self._fill("system", content=system)
+
+        triples = []
         for i in range(0, len(msgs), 2):
             prompt, reply = msgs[i], msgs[i + 1]
-            if prompt["role"] not in PROMPT_ROLES or reply["role"] not in REPLY_ROLES:
-                raise TemplateError(
-                    f"turn {i} is {prompt['role']!r} then {reply['role']!r}; expected user/observation then "
-                    "assistant/function_call")
-            sep, p, r = _Turn(), _Turn(), _Turn(trained=True)
-            if i > 0:
-                sep.add(self._slot["separator"])
-            content = prompt["content"]
-            if i == 0 and system and self.cfg.system_in_user:
-                p.add(self._slot["system"], system)
-            p.add(self._require(prompt["role"]), content)
-            r.add(self._require(reply["role"]), reply["content"])
-            pairs.append((sep, p, r))
-        return head, pairs
+            sep = _Turn(self._fill("separator") if i else [])
+            if prompt["role"] == "user":
+                content: str | list[Piece] = prompt["content"]
+                if i == system_at:
+                    content = self._fill("system", content=system) + [(prompt["content"], False)]
+                p = _Turn(self._fill("user", content=content))
+            else:
+                p = _Turn(self._fill(self._require("observation", "observation"), content=prompt["content"]))
+            if generation and i == len(msgs) - 2:
+                r = _Turn()
+            elif reply["role"] == "assistant":
+                r = _Turn(self._fill("assistant", content=reply["content"]))
+            else:
+                self._require("function_call", "function_call")
+                r = _Turn(self._fill("function_call", content=self._calls(reply["content"])))
+            triples.append((sep, p, r))
+        if self.cfg.efficient_eos and not generation:
+            triples[-1][2].pieces.append((self.eos, True))
+        return head, triples
 
-    def _require(self, role: str) -> str:
-        slot = self._slot["user" if role == "user" else "assistant" if role == "assistant" else role]
-        if not slot:
-            raise TemplateError(f"template {self.cfg.name!r} has no {role!r} slot, so it cannot render {role} "
-                                f"turns; pick a template with tool support (e.g. llama3, qwen)")
-        return slot
+    def check(self, messages: Messages, tools: Sequence[dict[str, Any]] | None = None) -> None:
+        """Raise TemplateError if this template cannot render the conversation (cheaper than rendering it):
+        tool turns or tools without the template's tool slots, a misplaced system prompt, bad turn order."""
+        roles = {m["role"] for m in messages}
+        if tools and not self.cfg.tools:
+            raise TemplateError(f"template {self.cfg.name!r} has no 'tools' slot, so it cannot render a "
+                                f"conversation with tools; pick a template with tool support (e.g. llama3, qwen)")
+        for role in ("observation", "function_call"):
+            if role in roles:
+                self._require(role, role)
+        if self.cfg.system_position != "turn" and "user" not in roles and (
+                "system" in roles or self.cfg.default_system):
+            raise TemplateError("the system prompt goes into a user turn, and this conversation has none")
+        body = [m["role"] for m in messages if m["role"] != "system"]
+        if (any(m["role"] == "system" for m in messages[1:]) or not body or len(body) % 2
+                or any(r not in (PROMPT_ROLES if i % 2 == 0 else REPLY_ROLES) for i, r in enumerate(body))):
+            raise TemplateError("a conversation must alternate prompt and reply turns and end with a reply")
+        for m in messages:
+            if m["role"] == "function_call":
+                self._calls(m["content"])
 
-    def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        """The conversation as text (what the official Jinja chat template would print)."""
-        msgs = list(messages)
-        if add_generation_prompt:
-            msgs = msgs + [{"role": "assistant", "content": ""}]
-        head, pairs = self._turns(msgs)
-        turns = [head] + [t for triple in pairs for t in triple]
-        if add_generation_prompt:
-            turns = turns[:-1]
-        return "".join(text for turn in turns for text, _ in turn.pieces)
+    def render(self, messages: Messages, add_generation_prompt: bool = False,
+               tools: Sequence[dict[str, Any]] | None = None) -> str:
+        """The conversation as text: what ``tokenizer.apply_chat_template(..., tokenize=False)`` prints with
+        :meth:`to_jinja` as the chat template. With ``add_generation_prompt`` the conversation ends with a prompt
+        turn and the text ends with the reply header."""
+        head, triples = self._turns(messages, tools, generation=add_generation_prompt)
+        return head.text() + "".join(t.text() for triple in triples for t in triple)
+
+    # ---------------------------------------------------------------- Jinja
+    def to_jinja(self) -> str:
+        """This format as a Hugging Face ``chat_template`` (the export writes it into tokenizer_config.json).
+
+        For every conversation :meth:`render` accepts, ``apply_chat_template(to_openai_messages(messages),
+        tools=tools, add_generation_prompt=..., tokenize=False)`` with this template prints the same text. It takes
+        OpenAI-shaped messages: tool calls as ``assistant`` + ``tool_calls``, tool results as role ``tool``. bos/eos
+        are written as the literal tokens of the training tokenizer, so replacing the eos at export does not change
+        the format. A prompt turn always ends with the reply header (it is part of the user/observation slot), so a
+        conversation ending with a user turn renders the same with or without ``add_generation_prompt``.
+        """
+        cfg = self.cfg
+
+        def expr(slot_name: str, **holes: str) -> str:
+            parts = []
+            for part in _HOLE_RE.split(self._slot[slot_name]):
+                if part:
+                    parts.append(holes[part[2:-2]] if _HOLE_RE.fullmatch(part) else _jinja_str(part))
+            return " ~ ".join(parts) or "''"
+
+        position = cfg.system_position
+        user_with_system = expr("user", content=f"({expr('system', content='ns.system')}) ~ message.content")
+        j = [
+            "{#- Generated by launcher.templates.Template.to_jinja from template %s. -#}" % _jinja_comment(cfg.name),
+            "{%- set ns = namespace(system=" + _jinja_str(cfg.default_system) + ", prompts=0, first_user=-1, last_user=-1, "
+            "tools='', calls='') -%}",
+            "{%- set msgs = messages -%}",
+            "{%- if msgs and msgs[0].role == 'system' -%}{%- set ns.system = msgs[0].content -%}"
+            "{%- set msgs = msgs[1:] -%}{%- endif -%}",
+            "{%- for message in msgs -%}{%- if message.role == 'user' -%}{%- if ns.first_user < 0 -%}"
+            "{%- set ns.first_user = loop.index0 -%}{%- endif -%}{%- set ns.last_user = loop.index0 -%}"
+            "{%- endif -%}{%- endfor -%}",
+            "{{- " + expr("prefix") + " -}}",
+        ]
+        j += ["{%- if tools -%}"]
+        if cfg.tools:
+            tojson = "tool | tojson" + (f"(indent={cfg.tool_indent})" if cfg.tool_indent is not None else "")
+            j += ["{%- for tool in tools -%}{%- set ns.tools = ns.tools ~ " + expr("tool_item", tool=tojson)
+                  + " -%}{%- endfor -%}",
+                  "{{- " + expr("tools", content="ns.system", tools="ns.tools") + " -}}"]
+        else:
+            j += ["{{- raise_exception(" + _jinja_str(f"template {cfg.name} has no tools slot") + ") -}}"]
+        if position == "turn":
+            j += ["{%- elif ns.system -%}", "{{- " + expr("system", content="ns.system") + " -}}"]
+        j += ["{%- endif -%}"]
+        system_here = {"turn": "false", "first_user": "loop.index0 == ns.first_user",
+                       "last_user": "loop.index0 == ns.last_user"}[position]
+        j += [
+            "{%- for message in msgs -%}",
+            "{%- if message.role in ['user', 'tool', 'observation', 'ipython'] -%}",
+            "{%- if ns.prompts > 0 -%}{{- " + expr("separator") + " -}}{%- endif -%}",
+            "{%- set ns.prompts = ns.prompts + 1 -%}",
+            "{%- if message.role == 'user' and ns.system and " + system_here + " -%}",
+            "{{- " + user_with_system + " -}}",
+            "{%- elif message.role == 'user' -%}",
+            "{{- " + expr("user", content="message.content") + " -}}",
+        ]
+        if cfg.observation:
+            j += ["{%- else -%}", "{{- " + expr("observation", content="message.content") + " -}}"]
+        else:
+            j += ["{%- else -%}", "{{- raise_exception(" + _jinja_str(
+                f"template {cfg.name} cannot render tool results") + ") -}}"]
+        j += ["{%- endif -%}"]
+        j += ["{%- elif message.role == 'assistant' and message.tool_calls -%}"]
+        if cfg.function_call:
+            j += [
+                "{%- set ns.calls = '' -%}",
+                "{%- for call in message.tool_calls -%}",
+                "{%- if call.function is defined -%}{%- set call = call.function -%}{%- endif -%}",
+                "{%- if call.arguments is string -%}{%- set arguments = call.arguments -%}"
+                "{%- else -%}{%- set arguments = call.arguments | tojson -%}{%- endif -%}",
+                "{%- set ns.calls = ns.calls ~ ('\\n' if not loop.first else '') ~ "
+                + expr("tool_call", name="call.name", arguments="arguments") + " -%}",
+                "{%- endfor -%}",
+                "{{- " + expr("function_call", content="ns.calls") + " -}}",
+            ]
+        else:
+            j += ["{{- raise_exception(" + _jinja_str(f"template {cfg.name} cannot render tool calls") + ") -}}"]
+        j += [
+            "{%- elif message.role == 'assistant' -%}",
+            "{{- " + expr("assistant", content="message.content") + " -}}",
+            "{%- else -%}",
+            "{{- raise_exception('unexpected role ' ~ message.role ~ ': a system message may only come first') -}}",
+            "{%- endif -%}",
+            "{%- endfor -%}",
+        ]
+        if cfg.efficient_eos:
+            j += ["{%- if not add_generation_prompt and msgs and msgs[-1].role == 'assistant' -%}{{- "
+                  + _jinja_str(self.eos) + " -}}{%- endif -%}"]
+        return "\n".join(j)
 
     # ---------------------------------------------------------------- encoding
     def _atoms(self, turn: _Turn) -> list[tuple[bool, str]]:
         """(is_special, text) atoms: control tokens from markup, and plain-text runs between them."""
         atoms: list[tuple[bool, str]] = []
+        run: list[str] = []  # text since the last control token: one run, tokenised as HF would tokenise it
         for text, markup in turn.pieces:
-            parts = self._special_re.split(text) if (markup and self._special_re) else [text]
-            for part in parts:
-                if not part:
-                    continue
-                special = markup and part in self._added
-                if not special and atoms and not atoms[-1][0]:
-                    atoms[-1] = (False, atoms[-1][1] + part)  # one run: tokenised as HF would tokenise it
+            if not markup:
+                run.append(text)
+                continue
+            parts = self._markup_atoms.get(text)
+            if parts is None:
+                split = self._special_re.split(text) if self._special_re else [text]
+                parts = self._markup_atoms[text] = [(p in self._added, p) for p in split if p]
+            for special, part in parts:
+                if special:
+                    if run:
+                        atoms.append((False, "".join(run)))
+                        run = []
+                    atoms.append((True, part))
                 else:
-                    atoms.append((special, part))
+                    run.append(part)
+        if run:
+            text = "".join(run)
+            if text:
+                atoms.append((False, text))
         return atoms
 
     def encode_batch(
         self,
-        conversations: Iterable[Sequence[dict[str, str]]],
+        conversations: Iterable[Messages],
         cutoff_len: int,
         train_on_prompt: bool = False,
         mask_history: bool = False,
+        tools: Sequence[Sequence[dict[str, Any]] | None] | None = None,
     ) -> list[Encoded | None]:
         """Encode many conversations with one batched tokenizer call.
 
-        Returns None for a conversation that cannot fit ``cutoff_len`` with at least one trained token.
+        ``tools`` (one list per conversation, or None) are rendered into the system turn. Returns None for a
+        conversation that cannot fit ``cutoff_len`` with at least one trained token.
         """
-        structured = [self._turns(c) for c in conversations]
-        atoms = [[self._atoms(t) for t in [head] + [x for triple in pairs for x in triple]]
-                 for head, pairs in structured]
+        conversations = list(conversations)
+        tools = tools if tools is not None else [None] * len(conversations)
+        structured = [self._turns(c, t) for c, t in zip(conversations, tools)]
+        atoms = [[self._atoms(t) for t in [head] + [x for triple in triples for x in triple]]
+                 for head, triples in structured]
         runs = [text for conv in atoms for turn in conv for special, text in turn if not special]
-        ids = self.tokenizer(runs, add_special_tokens=False, split_special_tokens=True)["input_ids"] if runs else []
-        it = iter(ids)
+        it = iter(self._tokenize_text(runs))
+        special_id = self._special_ids
         out: list[Encoded | None] = []
-        for (head, pairs), conv in zip(structured, atoms):
+        for (head, triples), conv in zip(structured, atoms):
             turn_ids = [
-                [tid for special, text in turn
-                 for tid in ([self.tokenizer.convert_tokens_to_ids(text)] if special else next(it))]
+                [tid for special, text in turn for tid in ([special_id[text]] if special else next(it))]
                 for turn in conv
             ]
-            out.append(_assemble(turn_ids, len(pairs), cutoff_len, train_on_prompt, mask_history))
+            out.append(_assemble(turn_ids, len(triples), cutoff_len, train_on_prompt, mask_history))
         return out
 
-    def encode(self, messages: Sequence[dict[str, str]], cutoff_len: int = 1 << 30, **kw: bool) -> Encoded | None:
-        return self.encode_batch([messages], cutoff_len, **kw)[0]
+    @functools.cached_property
+    def _special_ids(self) -> dict[str, int]:
+        return {tok: self.tokenizer.convert_tokens_to_ids(tok) for tok in self._added}
+
+    def _tokenize_text(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of plain-text runs, control-token look-alikes included as text (never as control tokens)."""
+        if not texts:
+            return []
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a slow (Python) tokenizer
+            return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        # The Rust tokenizer directly: the transformers wrapper's per-text conversion costs as much as the
+        # tokenisation itself. encode_special_tokens=True is what split_special_tokens=True sets.
+        previous = backend.encode_special_tokens
+        backend.encode_special_tokens = True
+        try:
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
+        finally:
+            backend.encode_special_tokens = previous
+
+    def encode(self, messages: Messages, cutoff_len: int = 1 << 30, tools: Sequence[dict[str, Any]] | None = None,
+               **kw: bool) -> Encoded | None:
+        return self.encode_batch([messages], cutoff_len, tools=[tools], **kw)[0]
 
 
-def _fill(slot: str, specials: dict[str, str]) -> str:
-    for k, v in specials.items():
-        slot = slot.replace(k, v)
-    return slot
+def _jinja_str(text: str) -> str:
+    """A Jinja string literal. Jinja decodes literals with unicode-escape after backslash-escaping non-ASCII, so
+    only backslash, the quote and control characters need escaping."""
+    out = text.replace("\\", "\\\\").replace('"', '\\"')
+    out = re.sub(r"[\x00-\x1f\x7f]", lambda m: {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(
+        m.group(), "\\x%02x" % ord(m.group())), out)
+    return f'"{out}"'
+
+
+def _jinja_comment(text: str) -> str:
+    return text.replace("#}", "# }")
 
 
 def _assemble(turn_ids: list[list[int]], n_pairs: int, cutoff: int, train_on_prompt: bool,
