@@ -265,6 +265,28 @@ class Template:
             triples[-1][2].pieces.append((self.eos, True))
         return head, triples
 
+    def _layout(self, messages: Messages, tools: Sequence[dict[str, Any]] | None
+                ) -> tuple[list[_Turn], int, list[int], list[int]]:
+        """Turns for encoding: head, the (separator, prompt, reply) triples, then alternative first prompts.
+
+        Returns (turns, number of pairs, pairs a truncated conversation may start at, pairs that have an
+        alternative prompt). Truncation starts a conversation only at a user turn (never at a tool result whose
+        call was cut away). With ``system_position: first_user`` the system prompt lives in the first user turn,
+        so every later user turn also gets a version carrying it, used when truncation makes it the first.
+        """
+        head, triples = self._turns(messages, tools)
+        msgs = [m for m in messages if m["role"] != "system"]
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else self.cfg.default_system
+        starts = [k for k in range(len(triples)) if msgs[2 * k]["role"] == "user"]
+        alts: list[int] = []
+        extra: list[_Turn] = []
+        if system and self.cfg.system_position == "first_user":
+            for k in starts[1:]:
+                content = self._fill("system", content=system) + [(msgs[2 * k]["content"], False)]
+                alts.append(k)
+                extra.append(_Turn(self._fill("user", content=content)))
+        return [head, *(t for triple in triples for t in triple), *extra], len(triples), starts, alts
+
     def check(self, messages: Messages, tools: Sequence[dict[str, Any]] | None = None) -> None:
         """Raise TemplateError if this template cannot render the conversation (cheaper than rendering it):
         tool turns or tools without the template's tool slots, a misplaced system prompt, bad turn order."""
@@ -427,19 +449,18 @@ class Template:
         """
         conversations = list(conversations)
         tools = tools if tools is not None else [None] * len(conversations)
-        structured = [self._turns(c, t) for c, t in zip(conversations, tools)]
-        atoms = [[self._atoms(t) for t in [head] + [x for triple in triples for x in triple]]
-                 for head, triples in structured]
+        layouts = [self._layout(c, t) for c, t in zip(conversations, tools)]
+        atoms = [[self._atoms(t) for t in turns] for turns, _, _, _ in layouts]
         runs = [text for conv in atoms for turn in conv for special, text in turn if not special]
         it = iter(self._tokenize_text(runs))
         special_id = self._special_ids
         out: list[Encoded | None] = []
-        for (head, triples), conv in zip(structured, atoms):
+        for (_, n_pairs, starts, alts), conv in zip(layouts, atoms):
             turn_ids = [
                 [tid for special, text in turn for tid in ([special_id[text]] if special else next(it))]
                 for turn in conv
             ]
-            out.append(_assemble(turn_ids, len(triples), cutoff_len, train_on_prompt, mask_history))
+            out.append(_assemble(turn_ids, n_pairs, starts, alts, cutoff_len, train_on_prompt, mask_history))
         return out
 
     @functools.cached_property
@@ -481,27 +502,36 @@ def _jinja_comment(text: str) -> str:
     return text.replace("#}", "# }")
 
 
-def _assemble(turn_ids: list[list[int]], n_pairs: int, cutoff: int, train_on_prompt: bool,
-              mask_history: bool) -> Encoded | None:
-    """Concatenate head + (separator, prompt, reply) triples, dropping the earliest first when over ``cutoff``.
+def _assemble(turn_ids: list[list[int]], n_pairs: int, starts: list[int], alts: list[int], cutoff: int,
+              train_on_prompt: bool, mask_history: bool) -> Encoded | None:
+    """Concatenate head + (separator, prompt, reply) triples, dropping the earliest pairs first when over
+    ``cutoff``.
 
-    The head (prefix and system prompt) is always kept; when the last pair alone is still too long, its reply is
-    cut at the end, and the record is given up only if not one reply token would remain.
+    ``turn_ids`` holds the head, the triples, then the alternative prompts of the pairs in ``alts`` (used when that
+    pair becomes the first). A truncated conversation starts at one of ``starts`` (a user turn). The head (prefix
+    and system prompt) is always kept; when the last start alone is still too long, the end is cut off, and the
+    record is given up only if not one reply token would remain.
     """
     head = turn_ids[0]
     triples = [turn_ids[1 + 3 * i: 4 + 3 * i] for i in range(n_pairs)]
-    first = 0
-    total = len(head) + sum(len(p) + len(r) for _, p, r in triples) + sum(len(t[0]) for t in triples[1:])
-    while total > cutoff and first < n_pairs - 1:
-        first += 1  # drop the earliest pair; the new first pair loses its separator
-        total -= sum(map(len, triples[first - 1])) + len(triples[first][0])
+    alt = dict(zip(alts, turn_ids[1 + 3 * n_pairs:]))
+
+    def prompt(i: int, first: int) -> list[int]:
+        return alt.get(i, triples[i][1]) if i == first else triples[i][1]
+
+    def length(first: int) -> int:
+        return len(head) + sum(len(prompt(i, first)) + len(triples[i][2]) + (len(triples[i][0]) if i > first else 0)
+                               for i in range(first, n_pairs))
+
+    candidates = [0] + [k for k in starts if k > 0]
+    first = next((k for k in candidates if length(k) <= cutoff), candidates[-1])
     input_ids, labels = list(head), [IGNORE_INDEX] * len(head) if not train_on_prompt else list(head)
     for i in range(first, n_pairs):
-        sep, prompt, reply = triples[i]
-        prompt = (sep if i > first else []) + prompt
+        sep, _, reply = triples[i]
+        p = (sep if i > first else []) + prompt(i, first)
         trained = not mask_history or i == n_pairs - 1
-        input_ids += prompt + reply
-        labels += (list(prompt) if train_on_prompt else [IGNORE_INDEX] * len(prompt))
+        input_ids += p + reply
+        labels += (list(p) if train_on_prompt else [IGNORE_INDEX] * len(p))
         labels += list(reply) if trained or train_on_prompt else [IGNORE_INDEX] * len(reply)
     truncated = first > 0
     if len(input_ids) > cutoff:
