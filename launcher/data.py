@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -29,7 +28,6 @@ from typing import Any, Iterator
 from launcher.config import DatasetConfig, TemplateConfig, resolve_path
 from launcher.templates import Template, TemplateError, normalize_tools, parse_tool_calls
 
-log = logging.getLogger(__name__)
 CACHE_VERSION = "2"  # bump when the cached format changes (the code itself is hashed too)
 DATA_SUFFIXES = (".json", ".jsonl")
 MAX_ERROR_EXAMPLES = 10
@@ -441,9 +439,9 @@ def _encode(batch: dict[str, list], template: Template, cutoff_len: int, train_o
 
 
 def _no_records(cfg: DatasetConfig, data_dir: Path, stats: DataStats) -> DataError:
+    example = f" (e.g. {stats.errors[0].rstrip('.')})" if stats.errors else ""
     return DataError(f"no usable records in {', '.join(cfg.names)} under {data_dir}: {stats.records} read, "
-                     f"{stats.dropped_errors} skipped for errors" + (f" (e.g. {stats.errors[0].rstrip('.')})" if stats.errors
-                                                                     else "") + ".")
+                     f"{stats.dropped_errors} skipped for errors{example}.")
 
 
 def _column_sum(table: Any, column: str) -> int:

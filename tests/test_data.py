@@ -47,7 +47,8 @@ def data_dir(tmp_path: Path, files: dict[str, str], info: dict) -> Path:
 
 
 def dcfg(directory: Path, names: list[str], tmp_path: Path, **kw) -> DatasetConfig:
-    return DatasetConfig(dir=str(directory), names=names, cache_dir=str(tmp_path / "cache"), **{"cutoff_len": 256, **kw})
+    kw = {"cutoff_len": 256, **kw}
+    return DatasetConfig(dir=str(directory), names=names, cache_dir=str(tmp_path / "cache"), **kw)
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -170,7 +171,8 @@ BAD = {
         "bad.json", json.dumps([{"conversations": [SHARE_OK[0], {"from": "gpt", "value": ""}]}]), "sharegpt",
         "bad.json, record 0, conversations[1]: the assistant reply is empty; there is nothing to train on."),
     "roles out of order": (
-        "bad.json", json.dumps([{"conversations": SHARE_OK}, {"conversations": [SHARE_OK[0], SHARE_OK[0], SHARE_OK[1]]}]),
+        "bad.json",
+        json.dumps([{"conversations": SHARE_OK}, {"conversations": [SHARE_OK[0], SHARE_OK[0], SHARE_OK[1]]}]),
         "sharegpt",
         "bad.json, record 1, conversations[1]: role 'user' where assistant or function_call is expected: turns must "
         "alternate user/observation and assistant/function_call."),
@@ -188,7 +190,8 @@ BAD = {
         "bad.json", json.dumps([{"conversations": [{"from": "bot", "value": "a"}]}]), "sharegpt",
         "bad.json, record 0, conversations[0]: from='bot' is not a known role"),
     "not an object": (
-        "bad.json", json.dumps([["q", "a"]]), "alpaca", "bad.json, record 0: a record must be a JSON object, found list."),
+        "bad.json", json.dumps([["q", "a"]]), "alpaca",
+        "bad.json, record 0: a record must be a JSON object, found list."),
 }
 
 
