@@ -396,3 +396,16 @@ def test_truncation_starts_at_a_user_turn_not_at_a_tool_result(tokenizer) -> Non
     # Less room than the tool exchange: it is cut at the end, never started at the tool result.
     short = t.encode(conv, cutoff_len=len(kept.input_ids) - 5, tools=tools)
     assert short.input_ids == kept.input_ids[:-5]
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_exported_chat_template_gives_the_training_prompt_ids(name: str, tokenizer) -> None:
+    """What the export writes as chat_template tokenises an inference prompt to exactly the ids training masked."""
+    t = load_template(name, tokenizer)
+    conv = [SYSTEM, *MULTI_EN]
+    ids = tokenizer.apply_chat_template(to_openai_messages(conv[:-1]), chat_template=t.to_jinja(),
+                                        add_generation_prompt=True, tokenize=True, return_dict=False)
+    enc = t.encode(conv, mask_history=True)  # earlier replies are part of the prompt here
+    n = len(ids)
+    assert enc.input_ids[:n] == list(ids)
+    assert all(x == IGNORE_INDEX for x in enc.labels[:n]) and enc.labels[n] != IGNORE_INDEX
