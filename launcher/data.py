@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -29,7 +28,6 @@ from typing import Any, Iterator
 from launcher.config import DatasetConfig, TemplateConfig, resolve_path
 from launcher.templates import Template, TemplateError, normalize_tools, parse_tool_calls
 
-log = logging.getLogger(__name__)
 CACHE_VERSION = "2"  # bump when the cached format changes (the code itself is hashed too)
 DATA_SUFFIXES = (".json", ".jsonl")
 MAX_ERROR_EXAMPLES = 10
@@ -345,7 +343,7 @@ def _code_hash() -> bytes:
 
 
 def cache_key(cfg: DatasetConfig, template: TemplateConfig, tokenizer_dir: Path, entries: list[DatasetEntry],
-              seed: int) -> str:
+              seed: int, tokenizer: Any = None) -> str:
     """Hash of every input of preparation: data file contents, tokenizer files, template definition, cutoff,
     masking, split and packing options, and the preparation code. (num_proc and cache_dir do not change it.)"""
     h = hashlib.sha256(CACHE_VERSION.encode())
@@ -360,6 +358,11 @@ def cache_key(cfg: DatasetConfig, template: TemplateConfig, tokenizer_dir: Path,
                                                      "merges.txt", "chat_template.jinja")))
     for p in tok_files:
         h.update(p.name.encode() + hashlib.sha256(p.read_bytes()).digest())
+    if not tok_files and tokenizer is not None:  # a hub id (no local files): hash the tokenizer itself
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        h.update((backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+                  ).encode())
+        h.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, sorted(tokenizer.get_added_vocab())]).encode())
     for e in entries:
         h.update(json.dumps([e.name, e.formatting, e.columns, e.tags], sort_keys=True).encode())
         for f in e.files:
@@ -436,9 +439,9 @@ def _encode(batch: dict[str, list], template: Template, cutoff_len: int, train_o
 
 
 def _no_records(cfg: DatasetConfig, data_dir: Path, stats: DataStats) -> DataError:
+    example = f" (e.g. {stats.errors[0].rstrip('.')})" if stats.errors else ""
     return DataError(f"no usable records in {', '.join(cfg.names)} under {data_dir}: {stats.records} read, "
-                     f"{stats.dropped_errors} skipped for errors" + (f" (e.g. {stats.errors[0].rstrip('.')})" if stats.errors
-                                                                     else "") + ".")
+                     f"{stats.dropped_errors} skipped for errors{example}.")
 
 
 def _column_sum(table: Any, column: str) -> int:
@@ -461,7 +464,7 @@ def prepare(cfg: DatasetConfig, template_cfg: TemplateConfig, tokenizer: Any, to
 
     data_dir = resolve_path(cfg.dir)
     entries = load_registry(data_dir, list(cfg.names))
-    key = cache_key(cfg, template_cfg, tokenizer_dir, entries, seed)
+    key = cache_key(cfg, template_cfg, tokenizer_dir, entries, seed, tokenizer)
     cache_root = resolve_path(cfg.cache_dir)
     out = cache_root / f"data-{key}"
     if (out / "COMPLETE").is_file():

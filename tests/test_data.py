@@ -47,7 +47,8 @@ def data_dir(tmp_path: Path, files: dict[str, str], info: dict) -> Path:
 
 
 def dcfg(directory: Path, names: list[str], tmp_path: Path, **kw) -> DatasetConfig:
-    return DatasetConfig(dir=str(directory), names=names, cache_dir=str(tmp_path / "cache"), **{"cutoff_len": 256, **kw})
+    kw = {"cutoff_len": 256, **kw}
+    return DatasetConfig(dir=str(directory), names=names, cache_dir=str(tmp_path / "cache"), **kw)
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -170,7 +171,8 @@ BAD = {
         "bad.json", json.dumps([{"conversations": [SHARE_OK[0], {"from": "gpt", "value": ""}]}]), "sharegpt",
         "bad.json, record 0, conversations[1]: the assistant reply is empty; there is nothing to train on."),
     "roles out of order": (
-        "bad.json", json.dumps([{"conversations": SHARE_OK}, {"conversations": [SHARE_OK[0], SHARE_OK[0], SHARE_OK[1]]}]),
+        "bad.json",
+        json.dumps([{"conversations": SHARE_OK}, {"conversations": [SHARE_OK[0], SHARE_OK[0], SHARE_OK[1]]}]),
         "sharegpt",
         "bad.json, record 1, conversations[1]: role 'user' where assistant or function_call is expected: turns must "
         "alternate user/observation and assistant/function_call."),
@@ -188,7 +190,8 @@ BAD = {
         "bad.json", json.dumps([{"conversations": [{"from": "bot", "value": "a"}]}]), "sharegpt",
         "bad.json, record 0, conversations[0]: from='bot' is not a known role"),
     "not an object": (
-        "bad.json", json.dumps([["q", "a"]]), "alpaca", "bad.json, record 0: a record must be a JSON object, found list."),
+        "bad.json", json.dumps([["q", "a"]]), "alpaca",
+        "bad.json, record 0: a record must be a JSON object, found list."),
 }
 
 
@@ -325,20 +328,12 @@ def test_launcher_reports_a_bad_record_without_traceback(tmp_path: Path) -> None
     assert "Traceback" not in r.stderr and not any((tmp_path / "out").rglob("config.yaml"))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_llamafactory_folder_trains_with_the_default_job(tmp_path: Path) -> None:
     names = "[alpaca_ko,alpaca_remapped,sharegpt_ko,support_tagged,openai_messages,glaive_toolcall_ko_demo,multi_file]"
     r = run_launcher(f"dataset.dir={LF}", f"dataset.names={names}", "dataset.val_size=4", "train.max_steps=3",
-                     "dataset.cutoff_len=1024", f"launcher.master_port={_free_port()}",
+                     "dataset.cutoff_len=1024",
                      f"dataset.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "done: 3 steps" in r.stderr
@@ -383,3 +378,14 @@ def test_inspect_data_cli(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "launcher.inspect_data", "template=nope"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "llama3" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cache_key_without_tokenizer_files_hashes_the_tokenizer(tmp_path: Path, tokenizer) -> None:
+    """A model given as a hub id has no local tokenizer directory; the tokenizer itself is hashed then."""
+    cfg = dcfg(LF, ["alpaca_ko"], tmp_path)
+    entries = load_registry(LF, ["alpaca_ko"])
+    a = cache_key(cfg, template(), tmp_path / "missing", entries, 0, tokenizer)
+    other = tokenizer.__class__.from_pretrained(TOKENIZER_DIR)
+    other.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    assert cache_key(cfg, template(), tmp_path / "missing", entries, 0, other) != a
+    assert cache_key(cfg, template(), tmp_path / "missing", entries, 0, tokenizer) == a

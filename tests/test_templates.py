@@ -370,3 +370,42 @@ def test_check_rejects_exactly_what_render_rejects(name: str, case: str, tokeniz
     assert renders == checks
     if case in ("ends with a user turn", "two user turns", "late system message", "reply first", "tools"):
         assert not renders or (case == "tools" and name in ("llama3", "llama3_rag", "qwen"))
+
+
+@pytest.mark.parametrize("name", ["gemma", "llama2", "mistral", "llama3"])
+def test_truncation_keeps_the_system_prompt_where_inference_puts_it(name: str, tokenizer) -> None:
+    """Dropping the first exchange must not drop a system prompt that lived in the first user turn: the kept
+    conversation is encoded exactly as if it had been given alone."""
+    t = load_template(name, tokenizer)
+    conv = [SYSTEM, *MULTI_EN]
+    kept = t.encode([SYSTEM, *MULTI_EN[2:]])
+    enc = t.encode(conv, cutoff_len=len(kept.input_ids))
+    assert enc.truncated and enc.input_ids == kept.input_ids and enc.labels == kept.labels
+    assert "You are terse." in tokenizer.decode(enc.input_ids)
+
+
+def test_truncation_starts_at_a_user_turn_not_at_a_tool_result(tokenizer) -> None:
+    t = load_template("qwen", tokenizer)
+    tools = normalize_tools(TOOLS)
+    conv = [*MULTI_EN[:2], *TOOL_CONV]
+    full = t.encode(conv, tools=tools)
+    kept = t.encode(TOOL_CONV, tools=tools)
+    # Room for the tool exchange but not for it plus the first question: the whole tool exchange is kept.
+    enc = t.encode(conv, cutoff_len=len(kept.input_ids), tools=tools)
+    assert enc.input_ids == kept.input_ids and len(full.input_ids) > len(kept.input_ids)
+    # Less room than the tool exchange: it is cut at the end, never started at the tool result.
+    short = t.encode(conv, cutoff_len=len(kept.input_ids) - 5, tools=tools)
+    assert short.input_ids == kept.input_ids[:-5]
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_exported_chat_template_gives_the_training_prompt_ids(name: str, tokenizer) -> None:
+    """What the export writes as chat_template tokenises an inference prompt to exactly the ids training masked."""
+    t = load_template(name, tokenizer)
+    conv = [SYSTEM, *MULTI_EN]
+    ids = tokenizer.apply_chat_template(to_openai_messages(conv[:-1]), chat_template=t.to_jinja(),
+                                        add_generation_prompt=True, tokenize=True, return_dict=False)
+    enc = t.encode(conv, mask_history=True)  # earlier replies are part of the prompt here
+    n = len(ids)
+    assert enc.input_ids[:n] == list(ids)
+    assert all(x == IGNORE_INDEX for x in enc.labels[:n]) and enc.labels[n] != IGNORE_INDEX
