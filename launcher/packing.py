@@ -8,7 +8,7 @@ Three rules keep packed training equal to unpacked training:
   (:func:`packed_forward`). transformers then derives a block-diagonal causal mask from the position ids (sdpa,
   eager, flex) or runs the varlen kernel on the sequence boundaries we pass (flash-attention, for which a
   micro-batch is flattened into one row, because transformers only goes varlen for a batch of one). With the KV
-  cache on, or a 2-D all-ones mask, records attend to each other (tests/test_packing.py pins both facts).
+  cache on, or a 2-D all-ones mask, records attend to each other (tests/test_packed_training.py pins this).
 * Some architectures ignore packed position ids (measured with transformers 5.23: OPT, Bloom, Falcon); the worker
   checks the real model once at start with :func:`isolation_leak` and refuses to train if records leak.
 
@@ -213,32 +213,31 @@ def pack_rows(lengths: Sequence[int] | np.ndarray, capacity: int, shard_records:
     bound = -(-int(lengths.sum()) // capacity)
     if len(offsets) - 1 <= bound:
         return offsets, indices
-    rows = [indices[offsets[r]:offsets[r + 1]] for r in range(len(offsets) - 1)]
+    per_row = np.diff(offsets)
     slack = capacity - np.add.reduceat(lengths[indices], offsets[:-1])
-    open_rows = [int(r) for r in np.argsort(-slack, kind="stable") if slack[r] > 0]
-    replaced: list[int] = []
+    open_rows = np.argsort(-slack, kind="stable")
+    open_rows = open_rows[slack[open_rows] > 0]
+    ends = np.cumsum(per_row[open_rows])  # records in the first k open rows
+    keep = np.ones(len(per_row), dtype=bool)
     new_rows: list[np.ndarray] = []
-    work, k = 0, 0
-    while k < len(open_rows) and work < work_budget and len(rows) - len(replaced) + len(new_rows) > bound:
-        shard, n = [], 0
-        while k < len(open_rows) and n < shard_records:
-            shard.append(open_rows[k])
-            n += len(rows[open_rows[k]])
-            k += 1
-        pool = np.concatenate([rows[r] for r in shard])
+    n_rows, work, k = len(per_row), 0, 0
+    while k < len(open_rows) and work < work_budget and n_rows > bound:
+        stop = max(k + 1, int(np.searchsorted(ends, (ends[k - 1] if k else 0) + shard_records, side="right")))
+        shard = open_rows[k:stop]
+        k = stop
+        pool = np.concatenate([indices[offsets[r]:offsets[r + 1]] for r in shard])
         sub_off, sub_idx, w = subset_sum_fill(lengths[pool], capacity)
         work += w
         if len(sub_off) - 1 < len(shard):
-            replaced += shard
+            keep[shard] = False
             new_rows += [pool[sub_idx[sub_off[r]:sub_off[r + 1]]] for r in range(len(sub_off) - 1)]
-    if not replaced:
+            n_rows -= len(shard) - (len(sub_off) - 1)
+    if keep.all():
         return offsets, indices
-    keep = np.ones(len(rows), dtype=bool)
-    keep[replaced] = False
-    rows = [rows[r] for r in np.flatnonzero(keep)] + new_rows
-    new_off = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum([len(r) for r in rows], out=new_off[1:])
-    return new_off, np.concatenate(rows)
+    sizes = np.r_[per_row[keep], [len(r) for r in new_rows]].astype(np.int64)
+    new_off = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=new_off[1:])
+    return new_off, np.concatenate([indices[np.repeat(keep, per_row)], *new_rows])
 
 
 # --------------------------------------------------------------------------------------------- row plan
