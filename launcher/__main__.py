@@ -90,6 +90,7 @@ def prepare_run(cfg: Config, run_dir: Path) -> None:
     """Everything before the workers: model files, data, the resolved config."""
     from launcher.data import prepare
     from launcher.model import check_available, load_tokenizer, materialize
+    from launcher.packing import load_plan, plan_path
     from launcher.config import resolve_path
 
     check_available(cfg.model)
@@ -98,13 +99,12 @@ def prepare_run(cfg: Config, run_dir: Path) -> None:
     tok_dir = resolve_path(cfg.model.name_or_path)
     t0 = time.time()
     data_path, stats, hit = prepare(cfg.dataset, cfg.template, tokenizer, tok_dir, cfg.train.seed)
-    rows = json.loads((data_path / "train_rows.json").read_text())["rows"]
+    plan = load_plan(plan_path(data_path, "train"))
     say(f"data: {stats.used} records for training, {stats.eval_records} held out, "
         f"{stats.dropped_errors} dropped for errors, {stats.dropped_overlong} dropped for length, "
-        f"{stats.truncated} truncated; {stats.tokens:,} tokens ({stats.supervised_tokens:,} supervised) in "
-        f"{len(rows)} rows of ≤{cfg.dataset.cutoff_len} "
-        f"(packing efficiency {stats.tokens / (len(rows) * cfg.dataset.cutoff_len):.1%}) "
+        f"{stats.truncated} truncated; {stats.tokens:,} tokens ({stats.supervised_tokens:,} supervised) "
         f"[{'cache hit' if hit else f'prepared in {time.time() - t0:.1f}s'}: {data_path}]")
+    say(f"packing: {plan.stats.describe()}")
     for err in stats.errors:
         say(f"  skipped: {err}")
     from launcher.inspect_data import write_report
@@ -143,6 +143,8 @@ def print_summary(run_dir: Path) -> None:
     s = json.loads(path.read_text())
     say(f"done: {s['steps']} steps, {s['tokens']:,} tokens ({s['supervised_tokens']:,} supervised), "
         f"{s['train_seconds']}s training, loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}")
+    if "padding_fraction" in s:
+        say(f"padding: {s['padding_fraction']:.1%} of the token slots trained on were padding")
     say(f"checkpoint: {s['checkpoint']}")
     say(f"run directory: {run_dir}")
 

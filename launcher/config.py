@@ -35,7 +35,9 @@ class ModelConfig:
     init_seed: int = 0
     # Compute dtype: "auto" is bfloat16 on GPU and float32 on CPU. Master weights stay float32 either way.
     dtype: str = "auto"
-    # "sdpa", "eager" or "flash_attention_2". Packed rows stay isolated with all three (see launcher/packing.py).
+    # "sdpa", "eager", "flash_attention_2" or "flash_attention_3". Packed rows stay isolated with each (see
+    # launcher/packing.py); the worker also checks the loaded model at start and refuses packed training on an
+    # architecture that ignores packed position ids (OPT, Bloom, Falcon in transformers 5.23).
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False

@@ -8,7 +8,7 @@ tokenizer files, template, cutoff, masking and split options, this code), so a s
 it and a changed input never reuses a stale one::
 
     <cache_dir>/data-<key>/train, eval   Arrow datasets: input_ids, labels (-100 = no loss), length
-    <cache_dir>/data-<key>/*_rows.json   the packing plan (launcher.packing.pack_dataset)
+    <cache_dir>/data-<key>/*_rows.npz    the row plan (launcher.packing.pack_dataset)
     <cache_dir>/data-<key>/stats.json    DataStats: what was used, dropped and why
     <cache_dir>/data-<key>/COMPLETE      written last; a directory without it is never used
 """
@@ -536,7 +536,7 @@ def prepare(cfg: DatasetConfig, template_cfg: TemplateConfig, tokenizer: Any, to
             part.remove_columns(["supervised", "truncated"]).save_to_disk(str(tmp / name))
             if len(part):
                 pack_dataset(datasets.load_from_disk(str(tmp / name)), cfg.cutoff_len, cfg.packing,
-                             tmp / f"{name}_rows.json")
+                             tmp / f"{name}_rows.npz")
         shutil.rmtree(tmp / "work", ignore_errors=True)
         (tmp / "stats.json").write_text(json.dumps(asdict(stats), indent=1, ensure_ascii=False))
         (tmp / "COMPLETE").write_text(key)

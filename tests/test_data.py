@@ -248,7 +248,7 @@ def test_prepare_mixed_datasets_contract(tmp_path: Path, tokenizer) -> None:
     assert row["length"] == len(row["input_ids"]) == len(row["labels"])
     assert stats.tokens == sum(train["length"])
     assert stats.supervised_tokens == sum(sum(x != IGNORE_INDEX for x in lab) for lab in train["labels"])
-    assert (out / "train_rows.json").is_file() and (out / "eval_rows.json").is_file()
+    assert (out / "train_rows.npz").is_file() and (out / "eval_rows.npz").is_file()
     assert json.loads((out / "stats.json").read_text())["used"] == stats.used
     # The tool records render their tools into the system turn.
     texts = [tokenizer.decode(ids) for ids in train["input_ids"]]
