@@ -182,6 +182,7 @@ def test_launcher_refuses_packing_for_a_model_that_leaks(tmp_path: Path, tokeniz
               "train.max_steps=1", f"launcher.omp_num_threads=1"]
     r = run_launcher(*common, f"output_dir={tmp_path / 'packed'}", timeout=300)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "packing efficiency" in r.stderr, "the launcher reports the packing at start"
     assert "lets packed records attend to each other" in r.stderr and "dataset.packing=false" in r.stderr
     assert "Traceback" not in r.stderr
     assert not list((tmp_path / "packed").rglob("checkpoints")), "refused before any training step"
@@ -209,6 +210,8 @@ def test_two_rank_packed_step_equals_single_process_unpacked_step(tmp_path: Path
     step1 = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["packing"]["records_per_row"] > 2 and summary["packing"]["efficiency"] > 0.9
+    assert 0 <= summary["padding_fraction"] < 0.1 and "padding_fraction" in step1
+    assert "packing efficiency" in r.stderr and "of the token slots trained on were padding" in r.stderr
 
     # The records both ranks trained on in step 1, from the real plan and loader.
     cfg = load_run_config(run_dir)
