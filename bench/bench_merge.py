@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,12 @@ def measure(cmd: list[str], env: dict[str, str]) -> dict:
             "output": out}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def weights_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
 
@@ -99,27 +106,30 @@ def main() -> None:
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--work", default=".cache/bench/merge", help="scratch folder (deleted at the end)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    ap.add_argument("--reuse", action="store_true", help="reuse the run a --keep run left there (no training)")
     args = ap.parse_args()
 
     work = (ROOT / args.work).resolve()
-    shutil.rmtree(work, ignore_errors=True)
+    reuse = args.reuse and any((work / "runs").rglob("summary.json"))
+    if not reuse:
+        shutil.rmtree(work, ignore_errors=True)
+    for old in work.glob("ours-*"):
+        shutil.rmtree(old)
+    shutil.rmtree(work / "verified", ignore_errors=True)
     model = make_model(work / "model", args)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "TOKENIZERS_PARALLELISM": "false", "LAUNCHER_CACHE": str(work / "cache")}
-    print(f"training 1 step of {model} with 2 ZeRO-3 workers ...", flush=True)
-    measure([PY, "-m", "launcher", f"model.name_or_path={model}", "model.init=random", f"dataset.dir={args.data_dir}",
-             "dataset.max_samples=32", "dataset.cutoff_len=64", "train.max_steps=1", "train.grad_accum=1",
-             "launcher.nproc_per_node=2", "merge.after_train=false", f"output_dir={work / 'runs'}"], env)
+    if not reuse:
+        print(f"training 1 step of {model} with 2 ZeRO-3 workers ...", flush=True)
+        measure([PY, "-m", "launcher", f"model.name_or_path={model}", "model.init=random",
+                 f"dataset.dir={args.data_dir}", "dataset.max_samples=8", "dataset.cutoff_len=512",
+                 "train.max_steps=1", "train.grad_accum=1", "launcher.nproc_per_node=2",
+                 f"launcher.master_port={free_port()}", "merge.after_train=false", f"output_dir={work / 'runs'}"],
+                env)
     (summary,) = (work / "runs").rglob("summary.json")
     run = summary.parent
     ckpt = Path(json.loads(summary.read_text())["checkpoint"])
     ckpt_mb = sum(p.stat().st_size for p in ckpt.iterdir()) / 2**20
-    sys.path.insert(0, str(ROOT))
-    from launcher.config import load_run_config
-    from launcher.model import model_dir
-
-    base = model_dir(load_run_config(run).model)
-
     rows = []
     base_rss = measure([PY, "-c", IMPORTS], env)
     print(f"imports alone: peak RSS {base_rss['peak_rss']:.0f} MiB", flush=True)
@@ -128,7 +138,7 @@ def main() -> None:
         ours = measure([PY, "-m", "launcher.merge", str(run), "merge.verify=false", f"dtype={dtype}",
                         f"output_dir={out}"], env)
         naive_out = work / f"naive-{dtype}"
-        naive = measure([PY, "-c", NAIVE, str(ckpt), str(base), str(naive_out), dtype], env)
+        naive = measure([PY, "-c", NAIVE, str(ckpt), str(model), str(naive_out), dtype], env)
         size = weights_mb(out)
         rows.append((dtype, size, ours, naive, weights_mb(naive_out)))
         shutil.rmtree(naive_out)

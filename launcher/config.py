@@ -176,9 +176,9 @@ class MergeConfig:
     # exports; lower precisions are compared with `atol_low_precision` × the largest reference logit.
     atol: float = 1e-5
     atol_low_precision: float = 0.05
-    max_new_tokens: int = 64
-    # A file of held-out records (alpaca, sharegpt or messages JSON) whose first prompt the merged model answers
-    # after training; "" asks nothing.
+    max_new_tokens: int = 128
+    # Held-out records whose first prompt the merged model answers after training: a name registered in
+    # dataset.dir's dataset_info.json (e.g. text2sql_ko_heldout) or a JSON file path; "" asks nothing.
     ask: str = ""
 
 
@@ -301,6 +301,7 @@ def validate_merge(m: MergeConfig) -> list[str]:
         e.append("merge.atol and merge.atol_low_precision must be positive.")
     if m.max_new_tokens < 1:
         e.append(f"merge.max_new_tokens={m.max_new_tokens} must be at least 1.")
-    if m.ask and not resolve_path(m.ask).is_file():
-        e.append(f"merge.ask={m.ask!r} does not exist: name a JSON file of held-out records, or merge.ask=''.")
+    if m.ask.endswith((".json", ".jsonl")) and not resolve_path(m.ask).is_file():
+        e.append(f"merge.ask={m.ask!r} does not exist: name a JSON file of held-out records, an entry of "
+                 f"dataset_info.json, or merge.ask=''.")
     return e

@@ -483,6 +483,8 @@ def write_weights(plan: Plan, reader: Reader, trained: torch.nn.Module, out: Pat
             if layer:
                 t = t.float() + layers[layer].get_delta_weight(adapter_name).float()
             t = t.to(plan.out_dtype).contiguous()
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                t = t.clone()  # a view into a flat partition: safetensors writes whole, unshared storages
             if t.numel() == 0 or not bool(torch.isfinite(t).all()):
                 raise ExportError(f"{o} (from {src}) is {'empty' if t.numel() == 0 else 'not finite (NaN/inf)'} "
                                   f"in the checkpoint: training diverged or the file is damaged. Merge an "
@@ -605,6 +607,7 @@ def export(path: str | Path, mcfg: MergeConfig | None = None, log: Any = print) 
         f"[{str(plan.out_dtype).removeprefix('torch.')}, {plan.parameters:,} parameters"
         f"{', LoRA merged' if src.cfg.finetune.method == 'lora' and not plan.adapter_only else ''}"
         f"{', adapter only' if plan.adapter_only else ''}]")
+    made_parent = not final.parent.exists()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -648,6 +651,8 @@ def export(path: str | Path, mcfg: MergeConfig | None = None, log: Any = print) 
         _replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made_parent and not any(final.parent.iterdir()):
+            final.parent.rmdir()
         raise
     return ExportResult(final, manifest)
 

@@ -18,8 +18,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
-
 from launcher.config import ConfigError, MergeConfig, resolve_path, validate_merge
 
 
@@ -50,17 +48,28 @@ def apply_overrides(base: MergeConfig, overrides: list[str]) -> MergeConfig:
     return cfg
 
 
-def first_question(path: str, where: str = "merge.ask") -> list[dict[str, str]]:
-    """The prompt turns of the first record of a held-out file (alpaca, sharegpt or OpenAI messages)."""
-    from launcher.data import DatasetEntry, read_records, to_messages
+def first_question(ask: str, data_dir: str) -> list[dict[str, str]] | None:
+    """The prompt turns of the first record named by ``merge.ask``: an entry of ``<data_dir>/dataset_info.json``
+    (its columns and format apply) or a JSON file (alpaca, sharegpt or OpenAI messages). None if it names
+    neither."""
+    from launcher.data import DatasetEntry, load_registry, read_records, to_messages
 
-    file = resolve_path(path)
+    file = resolve_path(ask)
+    if file.is_file():
+        entry = None
+    else:
+        info = resolve_path(data_dir) / "dataset_info.json"
+        if not info.is_file() or ask not in json.loads(info.read_text()):
+            return None
+        (entry,) = load_registry(resolve_path(data_dir), [ask])
+        file = entry.files[0]
     for i, record in read_records(file):
-        sharegpt = isinstance(record, dict) and ("messages" in record or "conversations" in record)
-        entry = DatasetEntry(name=file.stem, files=[file], formatting="sharegpt" if sharegpt else "alpaca")
-        msgs = to_messages(record, entry, f"{file}, record {i} ({where})")
+        if entry is None:
+            sharegpt = isinstance(record, dict) and ("messages" in record or "conversations" in record)
+            entry = DatasetEntry(name=file.stem, files=[file], formatting="sharegpt" if sharegpt else "alpaca")
+        msgs = to_messages(record, entry, f"{file}, record {i} (merge.ask)")
         return msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
-    raise ConfigError(f"{file} ({where}) holds no record to ask.")
+    raise ConfigError(f"{file} (merge.ask) holds no record to ask.")
 
 
 def run(path: str, overrides: list[str], ask: bool = False) -> int:
@@ -88,15 +97,24 @@ def run(path: str, overrides: list[str], ask: bool = False) -> int:
         say("not verified (merge.verify=false)")
     say(f"chat with it: python -m launcher.chat {result.out_dir}")
     if ask and mcfg.ask:
-        return answer(result.out_dir, mcfg)
+        return answer(result.out_dir, mcfg, src.cfg.dataset.dir)
     return 0
 
 
-def answer(folder: Path, mcfg: MergeConfig) -> int:
+def answer(folder: Path, mcfg: MergeConfig, data_dir: str) -> int:
     """Print the exported model's answer to the first held-out question of ``merge.ask``."""
     from launcher.chat import generate_reply, load
+    from launcher.data import DataError
 
-    messages = first_question(mcfg.ask)
+    try:
+        messages = first_question(mcfg.ask, data_dir)
+    except (DataError, ConfigError) as err:
+        say(f"cannot ask the held-out question: {err}")
+        return 0  # the model is merged and verified; the demo question is a courtesy
+    if messages is None:
+        say(f"merge.ask={mcfg.ask!r} is neither a file nor an entry of {data_dir}/dataset_info.json; "
+            f"set merge.ask=<entry or file> to see an answer of the trained model")
+        return 0
     model, tok = load(folder)
     reply = generate_reply(model, tok, messages, max_new_tokens=mcfg.max_new_tokens)
     question = "\n    ".join(messages[-1]["content"].splitlines())
