@@ -30,13 +30,14 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -131,7 +132,6 @@ class Reader(Protocol):
     """Random access to the tensors of a training checkpoint, by the training module's parameter names."""
 
     kind: str
-    files: list[Path]
 
     def shapes(self) -> dict[str, torch.Size]:
         """Every tensor the checkpoint holds (model weights only), by name."""
@@ -139,10 +139,19 @@ class Reader(Protocol):
     def get(self, name: str) -> torch.Tensor:
         """The full tensor (master precision when the checkpoint has masters); may share memory with the file."""
 
+    def release(self) -> None:
+        """Drop memory-mapped pages read so far (the next get() maps the files again)."""
+
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+def _damaged(path: Path, err: BaseException) -> ExportError:
+    return ExportError(f"{path} cannot be read ({_first_line(err)}): the file is damaged or was cut short (disk "
+                       f"full, or the job was killed while saving). Merge another checkpoint of this run (pass its "
+                       f"checkpoints/step-N folder) or train again from the last good one.")
 
 
 def _load_pt(path: Path, weights_only: bool) -> Any:
@@ -154,9 +163,7 @@ def _load_pt(path: Path, weights_only: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
     except Exception as err:
-        raise ExportError(f"{path} cannot be read ({_first_line(err)}): the file is damaged or was cut short "
-                          f"(disk full or the job killed while saving). Merge another checkpoint of this run "
-                          f"(pass its checkpoints/step-N folder) or train again from the last good one.") from None
+        raise _damaged(path, err) from None
 
 
 class SingleReader:
@@ -165,18 +172,27 @@ class SingleReader:
     kind = "single-process state.pt"
 
     def __init__(self, ckpt: Path):
-        self.files = [ckpt / "state.pt"]
-        state = _load_pt(self.files[0], weights_only=True)
-        if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-            raise ExportError(f"{self.files[0]} has no 'model' state: it was not written by this project's "
-                              f"single backend, or it is damaged. Merge another checkpoint of this run.")
-        self._sd: dict[str, torch.Tensor] = state["model"]
+        self.path = ckpt / "state.pt"
+        self._sd: dict[str, torch.Tensor] | None = None
+        self._shapes = {k: v.shape for k, v in self._open().items()}
+
+    def _open(self) -> dict[str, torch.Tensor]:
+        if self._sd is None:
+            state = _load_pt(self.path, weights_only=True)
+            if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+                raise ExportError(f"{self.path} has no 'model' state: it was not written by this project's single "
+                                  f"backend, or it is damaged. Merge another checkpoint of this run.")
+            self._sd = state["model"]
+        return self._sd
 
     def shapes(self) -> dict[str, torch.Size]:
-        return {k: v.shape for k, v in self._sd.items()}
+        return dict(self._shapes)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._sd[name]
+        return self._open()[name]
+
+    def release(self) -> None:
+        self._sd = None
 
 
 def _natural(p: Path) -> list:
@@ -201,38 +217,42 @@ def _take(parts: list[torch.Tensor], start: int, length: int) -> torch.Tensor:
 
 class ZeroReader:
     """DeepSpeed ZeRO-2/3: float32 master partitions from every rank's ``*_optim_states.pt``, frozen parameters
-    (the LoRA base) from ``*_model_states.pt``; the same reconstruction as DeepSpeed's ``zero_to_fp32``, but lazy:
-    one tensor is gathered when it is asked for, from memory-mapped files."""
+    (if saved) from ``*_model_states.pt``. The same reconstruction as DeepSpeed's ``zero_to_fp32`` (the tests
+    compare them), but lazy: a tensor is gathered when asked for, from memory-mapped files, where DeepSpeed's
+    own consolidation holds the whole float32 model (twice over, for ZeRO-2)."""
 
     def __init__(self, ckpt: Path):
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, instead of DeepSpeed warning that it guessed
-        from deepspeed.checkpoint import constants as C
-
         self.ckpt = ckpt
-        model_files = sorted(ckpt.glob("*_model_states.pt"), key=_natural)
-        optim_files = sorted(ckpt.glob("*_optim_states.pt"), key=_natural)
-        self.files = model_files + optim_files
-        if not model_files:
+        self.model_files = sorted(ckpt.glob("*_model_states.pt"), key=_natural)
+        self.optim_files = sorted(ckpt.glob("*_optim_states.pt"), key=_natural)
+        if not self.model_files:
             raise ExportError(f"{ckpt} has no *_model_states.pt file, so it is not a complete DeepSpeed checkpoint "
                               f"(files there: {', '.join(sorted(p.name for p in ckpt.iterdir())) or 'none'}).")
-        states = [_load_pt(f, weights_only=False) for f in model_files]
+        self._shapes: dict[str, torch.Size] = {}
+        self._getters: dict[str, Any] = {}
+        self._open()
+
+    def _open(self) -> None:
+        from deepspeed.checkpoint import constants as C
+
+        ckpt = self.ckpt
+        states = [_load_pt(f, weights_only=False) for f in self.model_files]
         world = int(states[0].get("dp_world_size") or 1)
-        if not optim_files:
+        if not self.optim_files:
             raise ExportError(f"{ckpt} has no *_optim_states.pt files: the float32 weights of a DeepSpeed "
                               f"checkpoint live there, one file per rank ({world} expected).")
-        self._missing_ranks(optim_files, world, "optim_states")
-        optim = [_load_pt(f, weights_only=False)["optimizer_state_dict"] for f in optim_files]
+        self._missing_ranks(self.optim_files, world, "optim_states")
+        optim = [_load_pt(f, weights_only=False)["optimizer_state_dict"] for f in self.optim_files]
         self.stage = int(optim[0][C.ZERO_STAGE])
         self.kind = f"DeepSpeed ZeRO-{self.stage} ({world} ranks)"
         if self.stage == 3:
-            self._missing_ranks(model_files, world, "model_states")
+            self._missing_ranks(self.model_files, world, "model_states")
         steps = {s.get("global_steps") for s in states}
         if len(steps) > 1:
             raise ExportError(f"{ckpt}: the rank files come from different saves (steps {sorted(steps)}); the "
                               f"folder was overwritten partially. Merge another checkpoint of this run.")
-        self._shapes: dict[str, torch.Size] = {}
-        self._getters: dict[str, Any] = {}
         first = states[0]
         for name in first.get(C.BUFFER_NAMES, []):
             self._add(name, first["module"][name].shape, lambda n=name: first["module"][n])
@@ -299,19 +319,168 @@ class ZeroReader:
         return dict(self._shapes)
 
     def get(self, name: str) -> torch.Tensor:
+        if not self._getters:
+            self._open()
         return self._getters[name]()
+
+    def release(self) -> None:
+        self._getters = {}  # the closures hold the mapped files; gc unmaps them
+
+
+class DcpReader:
+    """FSDP2: a torch.distributed.checkpoint folder (``step-N/model``: ``.metadata`` + one ``.distcp`` per rank),
+    read by DCP's own loader without a process group, a batch of tensors at a time (``prefetch``)."""
+
+    kind = "FSDP2 torch.distributed.checkpoint"
+
+    def __init__(self, folder: Path):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.folder = folder
+        if not (folder / ".metadata").is_file():
+            raise ExportError(f"{folder} has no .metadata file, so the sharded (FSDP) save did not finish; merge "
+                              f"another checkpoint of this run.")
+        try:
+            md = FileSystemReader(str(folder)).read_metadata()
+        except Exception as err:
+            raise _damaged(folder / ".metadata", err) from None
+        self._meta = {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+        need: dict[str, int] = {}
+        for info in (md.storage_data or {}).values():
+            need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+        missing = sorted(p for p in need if not (folder / p).is_file())
+        if missing:
+            raise ExportError(f"{folder} lacks {', '.join(missing)} (one file per rank): a rank did not finish "
+                              f"saving or a file was deleted; merge another checkpoint of this run.")
+        short = sorted(p for p, n in need.items() if (folder / p).stat().st_size < n)
+        if short:
+            raise ExportError(f"{folder / short[0]} is shorter than its index says: the file was cut short (disk "
+                              f"full, or the job was killed while saving). Merge another checkpoint of this run.")
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def shapes(self) -> dict[str, torch.Size]:
+        return {k: torch.Size(v.size) for k, v in self._meta.items()}
+
+    def prefetch(self, names: list[str]) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemReader
+
+        want = {n: torch.empty(self._meta[n].size, dtype=self._meta[n].properties.dtype)
+                for n in names if n not in self._cache}
+        if want:
+            try:
+                with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                    warnings.simplefilter("ignore", UserWarning)
+                    dcp.load(want, storage_reader=FileSystemReader(str(self.folder)), no_dist=True)
+            except Exception as err:
+                raise _damaged(self.folder, err) from None
+            self._cache.update(want)
+
+    def get(self, name: str) -> torch.Tensor:
+        self.prefetch([name])
+        return self._cache.pop(name)
+
+    def release(self) -> None:
+        self._cache.clear()
+
+
+class BaseWeights:
+    """The frozen base model's weights, read lazily from its safetensors: LoRA checkpoints may hold only what was
+    trained, the base being ``model.name_or_path`` as config.yaml names it."""
+
+    def __init__(self, base_dir: Path | str):
+        folder = Path(base_dir)
+        if not folder.is_dir():  # a hub id: its local snapshot (nothing is downloaded here)
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(base_dir), local_files_only=True))
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            where = json.loads(index.read_text())["weight_map"]
+        elif (folder / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(folder / "model.safetensors", "pt") as f:
+                where = {k: "model.safetensors" for k in f.keys()}
+        else:
+            where = {}
+        self.folder, self._where, self._open = folder, where, {}
+
+    def _file(self, name: str) -> Any:
+        from safetensors import safe_open
+
+        fname = self._where[name]
+        if fname not in self._open:
+            self._open[fname] = safe_open(self.folder / fname, "pt")
+        return self._open[fname]
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> torch.Size:
+        return torch.Size(self._file(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._file(name).get_tensor(name)
+
+    def release(self) -> None:
+        self._open = {}
+
+
+class WithBase:
+    """A LoRA checkpoint plus the base weights it did not save (frozen parameters, by their training names)."""
+
+    def __init__(self, reader: Reader, base: BaseWeights, frozen: dict[str, str]):
+        self.reader, self.base, self.frozen = reader, base, frozen  # frozen: training name -> base name
+        self.kind = f"{reader.kind} + base weights of {base.folder}"
+        self._shapes = reader.shapes()
+        for name, base_name in frozen.items():
+            if name not in self._shapes and base.has(base_name):
+                self._shapes[name] = base.shape(base_name)
+
+    def shapes(self) -> dict[str, torch.Size]:
+        return dict(self._shapes)
+
+    def prefetch(self, names: list[str]) -> None:
+        if hasattr(self.reader, "prefetch"):
+            self.reader.prefetch([n for n in names if n not in self.frozen or n in self.reader.shapes()])
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self.frozen and name not in self.reader.shapes():
+            return self.base.get(self.frozen[name])
+        return self.reader.get(name)
+
+    def release(self) -> None:
+        self.reader.release()
+        self.base.release()
 
 
 def open_reader(ckpt: Path) -> Reader:
     """The reader for whatever layout ``ckpt`` holds."""
     if (ckpt / "state.pt").is_file():
         return SingleReader(ckpt)
+    if (ckpt / "model").is_dir():
+        return DcpReader(ckpt / "model")
     if any(ckpt.glob("*_model_states.pt")) or any(ckpt.glob("*_optim_states.pt")):
         return ZeroReader(ckpt)
     files = ", ".join(sorted(p.name for p in ckpt.iterdir())) or "none"
     raise ExportError(f"{ckpt} holds no model weights this project writes (state.pt for backend=single, "
-                      f"*_model_states.pt + *_optim_states.pt for DeepSpeed); files there: {files}. The save did "
-                      f"not complete or the files were removed; merge another checkpoint of this run.")
+                      f"*_model_states.pt + *_optim_states.pt for DeepSpeed, model/ for FSDP); files there: {files}. "
+                      f"The save did not complete or the files were removed; merge another checkpoint of this run.")
+
+
+def open_source(src: Source, trained: torch.nn.Module, base_dir: Path | str) -> Reader:
+    """The checkpoint's reader; for LoRA, with the frozen base weights it may not hold taken from the base model."""
+    reader = open_reader(src.checkpoint)
+    if src.cfg.finetune.method != "lora":
+        return reader
+    have = reader.shapes()
+    frozen = {n: n.removeprefix("base_model.model.").replace(".base_layer.", ".")
+              for n, p in trained.named_parameters() if not p.requires_grad}
+    if all(n in have for n in frozen):
+        return reader
+    return WithBase(reader, BaseWeights(base_dir), frozen)
 
 
 # ============================================================================================ planning
@@ -462,36 +631,71 @@ def load_lora(reader: Reader, trained: torch.nn.Module, source: dict[str, str]) 
 
 
 # ============================================================================================ writing
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+RELEASE_BYTES = 256 << 20  # drop the source's mapped pages after reading this much
+
+
+def write_safetensors(path: Path, shapes: dict[str, torch.Size], dtype: torch.dtype,
+                      produce: Callable[[str], torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write one safetensors file tensor by tensor: the header first (every shape is known from the plan), then
+    each tensor's bytes as ``produce`` makes it, so only one tensor is in memory at a time. safetensors' own
+    ``save_file`` needs all tensors of a file at once; the format is documented and small (8-byte header length,
+    JSON header with data offsets, raw little-endian data), and verification reads the files back with the
+    safetensors library itself."""
+    assert sys.byteorder == "little", "safetensors stores little-endian data"
+    size = torch.empty((), dtype=dtype).element_size()
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, shape in shapes.items():
+        n = shape.numel() * size
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # keep the data 8-byte aligned, as safetensors does
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for name, shape in shapes.items():
+            t = produce(name)
+            if t.shape != shape or t.dtype != dtype:  # the plan and the checkpoint disagree: never write it
+                raise RuntimeError(f"{name}: produced {tuple(t.shape)} {t.dtype}, planned {tuple(shape)} {dtype}")
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 def write_weights(plan: Plan, reader: Reader, trained: torch.nn.Module, out: Path, max_shard_size: str,
                   log: Any = print) -> list[str]:
-    """Write the planned tensors as (sharded) safetensors, one output shard in memory at a time."""
+    """Write the planned tensors as (sharded) safetensors in the output dtype, one tensor in memory at a time."""
     from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
 
     layers = _lora_layers(trained)
-    adapter_name = "default"
     meta = {o: torch.empty(plan.shapes[o], dtype=plan.out_dtype, device="meta") for o in plan.tensors}
     split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size,
                                                filename_pattern="model{suffix}.safetensors")
+    read = [0]
+
+    def produce(o: str) -> torch.Tensor:
+        src, layer = plan.tensors[o]
+        t = reader.get(src)
+        read[0] += t.numel() * t.element_size()
+        if layer:  # W + scale · B·A, computed by PEFT's own layer (fan_in_fan_out, rsLoRA scaling, ...)
+            t = t.float() + layers[layer].get_delta_weight("default").float()
+        t = t.to(plan.out_dtype)
+        if t.numel() == 0 or not bool(torch.isfinite(t).all()):
+            raise ExportError(f"{o} (from {src}) is {'empty' if t.numel() == 0 else 'not finite (NaN/inf)'} in the "
+                              f"checkpoint: training diverged or the file is damaged. Merge an earlier checkpoint.")
+        if read[0] >= RELEASE_BYTES:
+            reader.release()  # pages of the memory-mapped checkpoint read so far leave this process
+            read[0] = 0
+        return t
+
     files = list(split.filename_to_tensors)
-    for i, (fname, names) in enumerate(split.filename_to_tensors.items(), 1):
+    for fname, names in split.filename_to_tensors.items():
         t0 = time.time()
-        shard: dict[str, torch.Tensor] = {}
-        for o in names:
-            src, layer = plan.tensors[o]
-            t = reader.get(src)
-            if layer:
-                t = t.float() + layers[layer].get_delta_weight(adapter_name).float()
-            t = t.to(plan.out_dtype).contiguous()
-            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-                t = t.clone()  # a view into a flat partition: safetensors writes whole, unshared storages
-            if t.numel() == 0 or not bool(torch.isfinite(t).all()):
-                raise ExportError(f"{o} (from {src}) is {'empty' if t.numel() == 0 else 'not finite (NaN/inf)'} "
-                                  f"in the checkpoint: training diverged or the file is damaged. Merge an "
-                                  f"earlier checkpoint.")
-            shard[o] = t
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        del shard
+        if hasattr(reader, "prefetch"):
+            reader.prefetch([plan.tensors[o][0] for o in names])
+        write_safetensors(out / fname, {o: plan.shapes[o] for o in names}, plan.out_dtype, produce,
+                          {"format": "pt"})
         gc.collect()
         if len(files) > 1:
             log(f"  wrote {fname} ({len(names)} tensors, {time.time() - t0:.1f}s)")
@@ -596,10 +800,10 @@ def export(path: str | Path, mcfg: MergeConfig | None = None, log: Any = print) 
     mcfg = mcfg or src.cfg.merge
     final = default_output(src, mcfg)
     t0 = time.time()
-    reader = open_reader(src.checkpoint)
-    layout = reader.kind
     base_dir = base_model_dir(src.cfg)
     trained, base, hf_config = skeletons(src.cfg, base_dir)
+    reader = open_source(src, trained, base_dir)
+    layout = reader.kind
     plan = make_plan(src.cfg, mcfg, reader, trained, base, hf_config, src.checkpoint)
     if src.cfg.finetune.method == "lora" and not plan.adapter_only:
         load_lora(reader, trained, plan.source)
@@ -770,10 +974,11 @@ def verify(request: dict) -> dict:
         raise VerificationError(f"generation_config.json eos_token_id={eos} lacks the stop words' ids {stops}")
 
     # 3. Reference: the training-time module from the checkpoint, in float32. Freed before the export is loaded.
-    reader = open_reader(src.checkpoint)
-    trained, _, _ = skeletons(cfg, base_model_dir(cfg))
+    base_dir = base_model_dir(cfg)
+    trained, _, _ = skeletons(cfg, base_dir)
+    expected_params = sum(p.numel() for p in trained.parameters())  # on the skeleton: tied weights once
+    reader = open_source(src, trained, base_dir)
     ref = _reference_logits(reader, trained, inputs)
-    expected_params = sum(p.numel() for p in trained.parameters()) if request["adapter_only"] else None
     del reader, trained
     gc.collect()
 
@@ -787,7 +992,7 @@ def verify(request: dict) -> dict:
         expected = expected_params
     else:
         model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
-        expected = request["parameters"]
+        expected = request["parameters"]  # the plan's count, from the base model's skeleton
     problems = {k: v for k, v in info.items() if v}
     if problems:
         raise VerificationError(f"from_pretrained reported {problems}")

@@ -63,12 +63,12 @@ def first_question(ask: str, data_dir: str) -> list[dict[str, str]] | None:
             return None
         (entry,) = load_registry(resolve_path(data_dir), [ask])
         file = entry.files[0]
-    for i, record in read_records(file):
+    for where, record in read_records(file):
         if entry is None:
             sharegpt = isinstance(record, dict) and ("messages" in record or "conversations" in record)
             entry = DatasetEntry(name=file.stem, files=[file], formatting="sharegpt" if sharegpt else "alpaca")
-        msgs = to_messages(record, entry, f"{file}, record {i} (merge.ask)")
-        return msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
+        msgs, _tools = to_messages(record, entry, f"{where} (merge.ask)")
+        return msgs[:-1] if msgs[-1]["role"] in ("assistant", "function_call") else msgs
     raise ConfigError(f"{file} (merge.ask) holds no record to ask.")
 
 
@@ -91,7 +91,8 @@ def run(path: str, overrides: list[str], ask: bool = False) -> int:
     v = m.get("verification") or {}
     say(f"model folder: {result.out_dir}")
     if v:
-        say(f"probe reply: {v['reply']!r}" + (f" (stopped at {v['stopped_at']})" if v["stopped_at"] else
+        text = v["reply"] if len(v["reply"]) <= 200 else v["reply"][:200] + "…"
+        say(f"probe reply: {text!r}" + (f" (stopped at {v['stopped_at']})" if v["stopped_at"] else
                                                f" (no stop word within {v['new_tokens']} tokens)"))
     else:
         say("not verified (merge.verify=false)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -223,6 +224,27 @@ def test_single_process_full_sharded(single_full, tmp_path: Path) -> None:
         assert (got - want).abs().max() <= 1e-5
 
 
+@pytest.mark.slow
+def test_tied_embeddings_are_saved_once(tmp_path: Path) -> None:
+    """A model with tie_word_embeddings (Qwen2.5-0.5B, Gemma): lm_head is not written, from_pretrained re-ties."""
+    model = tmp_path / "tied"
+    shutil.copytree(ROOT / "models" / "tiny_llama", model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    r = run_launcher("backend=single", "train.max_steps=1", f"model.name_or_path={model}", "merge.ask=",
+                     f"output_dir={tmp_path / 'out'}", timeout=900, env={"OMP_NUM_THREADS": "1"})
+    (summary,) = (tmp_path / "out").rglob("summary.json")
+    folder = summary.parent / "merged" / "step-1"
+    m = merged_ok(r, folder)
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        sizes = {n: math.prod(f.get_slice(n).get_shape()) for n in f.keys()}
+    assert "lm_head.weight" not in sizes and "model.embed_tokens.weight" in sizes
+    assert m["parameters"] == m["verification"]["parameters"] == sum(sizes.values())
+    assert m["verification"]["max_logit_diff"] <= 1e-5
+
+
 # ------------------------------------------------------------------------------------------ failures
 def _copy_run(run: Path, dest: Path) -> tuple[Path, Path]:
     shutil.copytree(run, dest, ignore=shutil.ignore_patterns("merged", "adapter"))
@@ -379,3 +401,28 @@ def test_take_spans_partitions() -> None:
     assert _take(parts, 5, 2).tolist() == [5, 6]
     with pytest.raises(IndexError):
         _take(parts, 10, 5)
+
+
+def test_dcp_reader_reads_a_sharded_save(tmp_path: Path) -> None:
+    """The FSDP2 layout (step-N/model: DCP .metadata + .distcp) read tensor by tensor; damage is named."""
+    import torch.distributed.checkpoint as dcp
+
+    from launcher.export import DcpReader, ExportError
+
+    torch.manual_seed(0)
+    sd = {"model.embed_tokens.weight": torch.randn(64, 16), "lm_head.weight": torch.randn(64, 16),
+          "model.norm.weight": torch.rand(16)}
+    folder = tmp_path / "step-1" / "model"
+    dcp.save(sd, checkpoint_id=str(folder), no_dist=True)
+    reader = DcpReader(folder)
+    assert reader.shapes() == {k: v.shape for k, v in sd.items()}
+    reader.prefetch(["lm_head.weight", "model.norm.weight"])
+    for k, v in sd.items():
+        assert torch.equal(reader.get(k), v)
+    (data,) = folder.glob("*.distcp")
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(ExportError, match="cut short"):
+        DcpReader(folder)
+    data.unlink()
+    with pytest.raises(ExportError, match=data.name):
+        DcpReader(folder)
