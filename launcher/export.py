@@ -507,13 +507,18 @@ def skeletons(cfg: Config, base_dir: Path | str) -> tuple[torch.nn.Module, torch
     from launcher.model import apply_finetune
 
     hf_config = AutoConfig.from_pretrained(base_dir, trust_remote_code=cfg.model.trust_remote_code)
-    with init_empty_weights(), warnings.catch_warnings():
+
+    def build() -> torch.nn.Module:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32,
+                                                     trust_remote_code=cfg.model.trust_remote_code)
+        model.tie_weights()  # init_empty_weights unties them (training's from_pretrained had them tied)
+        return model
+
+    base = build()
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # PEFT asks transformers a deprecated question
-        base = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32,
-                                                trust_remote_code=cfg.model.trust_remote_code)
-        trained = apply_finetune(
-            AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32,
-                                             trust_remote_code=cfg.model.trust_remote_code), cfg.finetune)
+        trained = apply_finetune(build(), cfg.finetune)  # adapters are small: real tensors, the base stays meta
     return trained, base, hf_config
 
 

@@ -72,6 +72,17 @@ def zero3_lora(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def zero2_lora(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("z2lora")
+    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"] = {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
+                               "reduce_bucket_size": "auto"}
+    (out / "zero2.json").write_text(json.dumps(ds))
+    return train(out, "backend=deepspeed_zero3", f"backend.ds_config={out / 'zero2.json'}",
+                 "launcher.nproc_per_node=2", "finetune=lora", "optimizer.lr=1e-2")
+
+
+@pytest.fixture(scope="module")
 def single_full(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """backend=single, with the default `merge.after_train=true`: training ends by merging and answering."""
     out = tmp_path_factory.mktemp("single")
@@ -145,11 +156,11 @@ def test_zero3_full_round_trip(zero3_full: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_zero_reader_equals_deepspeed_consolidation(zero3_full: Path, zero3_lora: Path) -> None:
-    """The lazy reader yields exactly DeepSpeed's tensors, trainable and frozen (the LoRA base) alike."""
+def test_zero_reader_equals_deepspeed_consolidation(zero3_full: Path, zero3_lora: Path, zero2_lora: Path) -> None:
+    """The lazy reader yields exactly DeepSpeed's tensors, ZeRO-2 and 3, trained and frozen (LoRA base) alike."""
     from launcher.export import ZeroReader
 
-    for run in (zero3_full, zero3_lora):
+    for run in (zero3_full, zero3_lora, zero2_lora):
         ckpt = run / "checkpoints" / "step-2"
         want = deepspeed_state(ckpt)
         reader = ZeroReader(ckpt)
@@ -179,6 +190,13 @@ def test_zero3_lora_merged_equals_peft_merge(zero3_lora: Path) -> None:
     assert max(float((got[k] - want[k]).abs().max()) for k in got) <= 1e-6
     lora_b = [v for k, v in deepspeed_state(zero3_lora / "checkpoints" / "step-2").items() if "lora_B" in k]
     assert any(float(v.abs().max()) > 0 for v in lora_b), "the adapters trained, so the merge is not a no-op"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero2_lora_round_trip(zero2_lora: Path) -> None:
+    m = merged_ok(merge(zero2_lora), zero2_lora / "merged" / "step-2")
+    assert "ZeRO-2" in m["source"]["layout"] and m["verification"]["max_logit_diff"] <= 1e-5
 
 
 @pytest.mark.slow
