@@ -175,6 +175,10 @@ def run(dcfg: DictConfig) -> int:
         say(f"workers failed with exit code {rc}; the failing rank's error is above. Run directory: {run_dir}")
         return rc
     print_summary(run_dir)
+    if cfg.merge.after_train and cfg.launcher.node_rank == 0:  # one node merges, from the shared run directory
+        from launcher.merge import after_train
+
+        return after_train(run_dir)
     return 0
 
 

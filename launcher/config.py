@@ -157,6 +157,32 @@ class LauncherConfig:
 
 
 @dataclass
+class MergeConfig:
+    """Export of a checkpoint as a verified Hugging Face model folder (``python -m launcher.merge RUN_DIR``)."""
+
+    # At the end of `python -m launcher`: merge the last checkpoint and print one answer of the trained model.
+    after_train: bool = True
+    # "": <run_dir>/merged/step-N (merged weights) or <run_dir>/adapter/step-N (merge.lora=false).
+    output_dir: str = ""
+    # Weights dtype: "float32", "bfloat16", "float16", or "auto" (the base model's dtype, float32 if it names none).
+    dtype: str = "auto"
+    # Larger weights are split into model-0000i-of-0000n.safetensors + model.safetensors.index.json.
+    max_shard_size: str = "5GB"
+    # LoRA runs: true merges the adapters into the base weights; false writes the adapter alone in PEFT format.
+    lora: bool = True
+    # Reload the export in a fresh process and compare it with the checkpoint (logits, parameters, a reply).
+    verify: bool = True
+    # Largest logit difference allowed between the export and the training-time weights: `atol` for float32
+    # exports; lower precisions are compared with `atol_low_precision` × the largest reference logit.
+    atol: float = 1e-5
+    atol_low_precision: float = 0.05
+    max_new_tokens: int = 128
+    # Held-out records whose first prompt the merged model answers after training: a name registered in
+    # dataset.dir's dataset_info.json (e.g. text2sql_ko_heldout) or a JSON file path; "" asks nothing.
+    ask: str = ""
+
+
+@dataclass
 class Config:
     """The whole job. `python -m launcher --cfg job` prints the composed form."""
 
@@ -168,6 +194,7 @@ class Config:
     finetune: FinetuneConfig = MISSING
     train: TrainerConfig = field(default_factory=TrainerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
     name: str = "default"
     output_dir: str = "outputs"
     # Filled by the launcher: the run directory and the prepared data the workers read.
@@ -255,5 +282,26 @@ def validate(cfg: Config) -> None:
         e.append(f"launcher.node_rank={cfg.launcher.node_rank} must be below launcher.nnodes={cfg.launcher.nnodes}.")
     if "{{content}}" not in cfg.template.user or "{{content}}" not in cfg.template.assistant:
         e.append(f"template {cfg.template.name!r}: the user and assistant slots must contain {{{{content}}}}.")
+    e += validate_merge(cfg.merge)
     if e:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(e))
+
+
+def validate_merge(m: MergeConfig) -> list[str]:
+    """Problems with the ``merge`` section (also checked by ``python -m launcher.merge`` for its overrides)."""
+    e: list[str] = []
+    _choice(e, "merge.dtype", m.dtype, ("auto", "float32", "bfloat16", "float16"))
+    try:
+        from huggingface_hub import split_torch_state_dict_into_shards
+
+        split_torch_state_dict_into_shards({}, max_shard_size=m.max_shard_size)  # the parser the export uses
+    except ValueError:
+        e.append(f"merge.max_shard_size={m.max_shard_size!r} is not a size: use e.g. 5GB, 500MB or 100KB.")
+    if m.atol <= 0 or m.atol_low_precision <= 0:
+        e.append("merge.atol and merge.atol_low_precision must be positive.")
+    if m.max_new_tokens < 1:
+        e.append(f"merge.max_new_tokens={m.max_new_tokens} must be at least 1.")
+    if m.ask.endswith((".json", ".jsonl")) and not resolve_path(m.ask).is_file():
+        e.append(f"merge.ask={m.ask!r} does not exist: name a JSON file of held-out records, an entry of "
+                 f"dataset_info.json, or merge.ask=''.")
+    return e

@@ -20,7 +20,12 @@ def tokenizer():
 
 
 def run_launcher(*overrides: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m launcher <overrides>` from the project root; output captured as text."""
+    """Run `python -m launcher <overrides>` from the project root; output captured as text.
+
+    The merge that ends a default run (about 10-30 s) is skipped unless a test sets merge.after_train itself.
+    """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if not any(o.startswith("merge.after_train=") for o in overrides):
+        overrides = (*overrides, "merge.after_train=false")
     return subprocess.run([sys.executable, "-m", "launcher", *overrides], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
