@@ -1,16 +1,21 @@
 """DeepSpeed ZeRO (stage 2 or 3, optional offload), configured by a JSON in ds_configs/ whose "auto" values are
-filled from the Hydra config. Workers are started by the `deepspeed` CLI (see launcher/__main__.py)."""
+filled from the Hydra config. Workers are started by the `deepspeed` CLI (see launcher/__main__.py).
+
+Checkpoints keep DeepSpeed's own layout (consolidate with ``deepspeed.utils.zero_to_fp32``); for LoRA they hold
+only the trained parameters, the frozen base being ``model.name_or_path``. See launcher/checkpoint.py.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from launcher.backends import make_optimizer
+from launcher.backends import MakeModel, collective_timeout, make_optimizer, trainable
 from launcher.config import Config, ConfigError, resolve_path
 from launcher.model import compute_dtype
 
@@ -67,7 +72,7 @@ class DeepSpeedBackend:
 
         self.cfg = cfg
         cuda = torch.cuda.is_available()
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=collective_timeout(cfg))
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -75,7 +80,7 @@ class DeepSpeedBackend:
             torch.cuda.set_device(local)
         self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
 
-    def build(self, make_model: Callable[[], torch.nn.Module], total_steps: int) -> torch.nn.Module:
+    def build(self, make_model: MakeModel, total_steps: int) -> torch.nn.Module:
         import deepspeed
         from transformers import AutoConfig
         from transformers.integrations import HfDeepSpeedConfig
@@ -87,12 +92,15 @@ class DeepSpeedBackend:
         # While this object lives, from_pretrained builds the model under zero.Init: each rank materialises only
         # its shard, so host memory holds about one copy of the model, not one per rank.
         self._hf_ds = HfDeepSpeedConfig(self.ds_config)
-        model = make_model()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt, sched = make_optimizer(self.cfg, params, total_steps)
+        # DeepSpeed keeps the weights in the compute dtype and float32 masters inside its optimizer.
+        model = make_model(compute_dtype(self.cfg.model), False)
+        opt, sched = make_optimizer(self.cfg, trainable(model), total_steps)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                config=self.ds_config)
         return self.engine
+
+    def autocast(self) -> AbstractContextManager:
+        return nullcontext()  # the engine runs the module in its own dtype
 
     def backward(self, loss: torch.Tensor) -> None:
         # The loop normalises by the step's supervised-token count itself; DeepSpeed must not divide by grad_accum.
@@ -111,8 +119,25 @@ class DeepSpeedBackend:
         torch.distributed.all_reduce(t)
         return t
 
+    def param_counts(self) -> tuple[int, int]:
+        params = list(self.engine.module.parameters())
+        if hasattr(params[0], "ds_tensor"):  # ZeRO-3: each rank holds a partition of every parameter
+            return sum(p.ds_tensor.numel() for p in params), sum(p.ds_numel for p in params)
+        n = sum(p.numel() for p in params)
+        return n, n
+
     def save(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory.parent), tag=directory.name)
+        # The tag is the directory name, so the layout is DeepSpeed's own: zero_to_fp32 consolidates it.
+        # save_latest=False: the `latest` file would name the temporary directory.
+        self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False,
+                                    exclude_frozen_parameters=self.cfg.finetune.method != "full")
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(directory.parent), tag=directory.name, load_module_strict=self.cfg.finetune.method == "full",
+            load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
 
     def barrier(self) -> None:
         torch.distributed.barrier()
