@@ -116,6 +116,10 @@ def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
 
     check_available(cfg.model)
     materialize(cfg.model)
+    if cfg.backend.name == "deepspeed":  # its "auto" values and contradictions, before any worker starts
+        from launcher.backends.deepspeed import fill_ds_config
+
+        fill_ds_config(cfg, world_size)
     tokenizer = load_tokenizer(cfg.model)
     tok_dir = resolve_path(cfg.model.name_or_path)
     t0 = time.time()
@@ -193,11 +197,20 @@ class ProcessTree:
         found = []
         for p in self.known.values():
             try:
-                if p.is_running() and "launcher.train" in p.cmdline():
+                cmd = p.cmdline()
+                # `python -m launcher.train`; the launchers in between only pass `--module launcher.train` on.
+                if p.is_running() and any(a == "-m" and b == "launcher.train" for a, b in zip(cmd, cmd[1:])):
                     found.append(p)
             except psutil.Error:
                 pass
         return found
+
+    def wait_for_workers(self, timeout: float) -> None:
+        """Give training processes time to finish a checkpoint even if a launcher in between already exited
+        (under `scancel` every process of the job gets SIGTERM, and those launchers quit at once)."""
+        import psutil
+
+        psutil.wait_procs(self.workers(), timeout=timeout)
 
     def kill(self) -> None:
         import psutil
@@ -250,6 +263,8 @@ def spawn(cmd: list[str], env: dict[str, str]) -> tuple[int, int | None]:
             break
         except subprocess.TimeoutExpired:
             tree.refresh()
+    if received:
+        tree.wait_for_workers(timeout=300)
     tree.kill()  # no orphan may outlive the launcher
     return rc, (received[0] if received else None)
 
@@ -309,7 +324,8 @@ def run(dcfg: DictConfig) -> int:
         train_run(run_dir)
     else:
         rc, stop = spawn(cmd, worker_env(cfg, nproc))
-    summary = json.loads((run_dir / "summary.json").read_text()) if rc == 0 else {}
+    # (an earlier attempt's summary was removed when this one started)
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     if summary.get("stopped") or (rc != 0 and stop is not None):
         saved = (f"checkpoint {summary['checkpoint']} saved at step {summary['steps']}" if summary else
                  "stopped before a new checkpoint was written")

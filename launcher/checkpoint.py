@@ -252,7 +252,7 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
                          planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     else:
         sd = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["model"]
-    return {k: v.float() for k, v in sd.items()}
+    return {k: v.detach().float() for k, v in sd.items()}
 
 
 # --------------------------------------------------------------------------------------------- stopping

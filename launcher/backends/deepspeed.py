@@ -24,6 +24,7 @@ def fill_ds_config(cfg: Config, world_size: int, hidden_size: int | None = None)
     """Read ``backend.ds_config`` and replace its "auto" values from the Hydra config.
 
     An explicit value that contradicts the Hydra config is an error naming both, never silently preferred.
+    Bucket sizes derived from ``hidden_size`` are tuning knobs, not Hydra values: only "auto" ones are filled.
     """
     path = resolve_path(cfg.backend.ds_config or "")
     try:
@@ -32,30 +33,33 @@ def fill_ds_config(cfg: Config, world_size: int, hidden_size: int | None = None)
         raise ConfigError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}).") from None
     t = cfg.train
     bf16 = compute_dtype(cfg.model) == torch.bfloat16
-    wanted = {
+    from_hydra = {
         ("train_micro_batch_size_per_gpu",): (t.micro_batch_size, "train.micro_batch_size"),
         ("gradient_accumulation_steps",): (t.grad_accum, "train.grad_accum"),
         ("train_batch_size",): (t.micro_batch_size * t.grad_accum * world_size,
                                 "train.micro_batch_size × train.grad_accum × world size"),
         ("gradient_clipping",): (cfg.optimizer.max_grad_norm, "optimizer.max_grad_norm"),
         ("bf16", "enabled"): (bf16, "model.dtype"),
+        ("fp16", "enabled"): (False, "model.dtype (float16 is not supported; use bfloat16)"),
     }
+    derived = {}
     if hidden_size:
-        wanted[("zero_optimization", "reduce_bucket_size")] = (hidden_size * hidden_size, "model hidden size²")
-        wanted[("zero_optimization", "stage3_prefetch_bucket_size")] = (
-            int(0.9 * hidden_size * hidden_size), "0.9 × hidden size²")
-        wanted[("zero_optimization", "stage3_param_persistence_threshold")] = (10 * hidden_size, "10 × hidden size")
+        derived = {("zero_optimization", "reduce_bucket_size"): hidden_size * hidden_size,
+                   ("zero_optimization", "stage3_prefetch_bucket_size"): int(0.9 * hidden_size * hidden_size),
+                   ("zero_optimization", "stage3_param_persistence_threshold"): 10 * hidden_size}
     errors = []
-    for keys, (value, source) in wanted.items():
-        node = ds
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
+    for keys, (value, source) in from_hydra.items():
+        node = _node(ds, keys)
         current = node.get(keys[-1], "auto")
         if current == "auto":
             node[keys[-1]] = value
         elif current != value:
             errors.append(f"{'.'.join(keys)}={current!r} in {path} contradicts {source}={value!r}; "
                           f"set it to \"auto\" or change the Hydra value")
+    for keys, value in derived.items():
+        node = _node(ds, keys)
+        if node.get(keys[-1], "auto") == "auto":
+            node[keys[-1]] = value
     if "optimizer" in ds or "scheduler" in ds:
         errors.append(f"{path} defines its own optimizer/scheduler; remove them: the launcher builds AdamW and "
                       f"the warmup+cosine schedule from the `optimizer` config group")
@@ -63,6 +67,13 @@ def fill_ds_config(cfg: Config, world_size: int, hidden_size: int | None = None)
         raise ConfigError("DeepSpeed config problems:\n  - " + "\n  - ".join(errors))
     # The launcher's AdamW works with offload too; DeepSpeed otherwise insists on its own compiled CPU Adam.
     ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    return ds
+
+
+def _node(ds: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The dict that holds ``keys[-1]`` (created if missing)."""
+    for k in keys[:-1]:
+        ds = ds.setdefault(k, {})
     return ds
 
 
