@@ -291,8 +291,11 @@ def print_summary(run_dir: Path) -> None:
     if not path.is_file():
         return
     s = json.loads(path.read_text())
-    say(f"done: {s['steps']} steps, {s['tokens']:,} tokens ({s['supervised_tokens']:,} supervised), "
-        f"{s['train_seconds']}s training, loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}")
+    if s["first_loss"] is None:  # resumed a run that had finished already
+        say(f"nothing to do: the run had finished all {s['steps']} steps")
+    else:
+        say(f"done: {s['steps']} steps, {s['tokens']:,} tokens ({s['supervised_tokens']:,} supervised), "
+            f"{s['train_seconds']}s training, loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}")
     if "padding_fraction" in s:
         say(f"padding: {s['padding_fraction']:.1%} of the token slots trained on were padding")
     say(f"checkpoint: {s['checkpoint']}")

@@ -160,3 +160,41 @@ def test_config_changes_separate_harmless_from_breaking() -> None:
     breaking, harmless = config_changes(old, new)
     assert breaking == ["train.grad_accum: 2 -> 4"]
     assert harmless == ["launcher.master_port: 1 -> 2", "train.max_steps: 10 -> 20"]
+
+
+def test_a_checkpoint_of_another_world_size_is_refused(tmp_path: Path) -> None:
+    from launcher.checkpoint import CheckpointError, resume_checkpoint
+    from launcher.config import to_object
+    from tests.test_configs import _compose
+
+    ckpt = tmp_path / "checkpoints" / "step-4"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps(
+        {"step": 4, "micro_batch": 8, "world_size": 4, "backend": "deepspeed", "finetune": "full"}))
+    (ckpt / COMPLETE).write_text("4")
+    cfg = to_object(_compose("backend=deepspeed_zero3"))
+    assert resume_checkpoint(cfg, tmp_path, world_size=4) == ckpt
+    with pytest.raises(CheckpointError, match="written by 4 ranks but this run has 2"):
+        resume_checkpoint(cfg, tmp_path, world_size=2)
+    cfg.resume = "never"
+    assert resume_checkpoint(cfg, tmp_path, world_size=2) is None
+    cfg.resume = str(tmp_path / "checkpoints" / "step-3")
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        resume_checkpoint(cfg, tmp_path, world_size=4)
+
+
+def test_a_stop_signal_is_seen_by_every_rank() -> None:
+    from launcher.backends.single import SingleBackend
+    from launcher.checkpoint import StopRequest
+    from launcher.config import to_object
+    from tests.test_configs import _compose
+
+    backend = SingleBackend(to_object(_compose("backend=single")))
+    stop = StopRequest()
+    try:
+        assert not stop.requested(backend)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.requested(backend)
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
