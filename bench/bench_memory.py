@@ -56,7 +56,7 @@ def run(model: Path, backend: str, ranks: int, steps: int, cutoff: int, out: Pat
     overrides = [f"model.name_or_path={model}", "model.init=random", "model.dtype=float32", f"backend={backend}",
                  f"train.max_steps={steps}", f"dataset.cutoff_len={cutoff}", "train.micro_batch_size=1",
                  f"train.grad_accum={2 // ranks}", "train.save_steps=0", "train.save_total_limit=1",
-                 f"hydra.run.dir={run_dir}"]
+                 "merge.after_train=false", f"hydra.run.dir={run_dir}"]
     if backend != "single":
         overrides.append(f"launcher.nproc_per_node={ranks}")
     t0 = time.time()

@@ -114,6 +114,7 @@ def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
     from launcher.packing import load_plan, plan_path
     from launcher.config import resolve_path
 
+    check_resumable(cfg, run_dir)
     check_available(cfg.model)
     materialize(cfg.model)
     if cfg.backend.name == "deepspeed":  # its "auto" values and contradictions, before any worker starts
@@ -144,29 +145,36 @@ def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
         say(f"resuming from {ckpt}")
 
 
-def write_run_config(cfg: Config, run_dir: Path) -> None:
-    """Write ``config.yaml``; in a run directory that already has one, only if training can continue exactly."""
+def check_resumable(cfg: Config, run_dir: Path) -> None:
+    """In a run directory that already holds a run, go on only if training can continue it exactly (before
+    anything in it is touched)."""
     from launcher.checkpoint import config_changes
 
     path = run_dir / "config.yaml"
-    new = OmegaConf.structured(cfg)
-    if path.exists():
-        if cfg.resume == "never":
-            raise ConfigError(f"{run_dir} already holds a run and resume=never: start a new run (leave out "
-                              f"hydra.run.dir) or pass resume=auto to continue this one.")
-        breaking, harmless = config_changes(OmegaConf.to_container(OmegaConf.load(path)),
-                                            OmegaConf.to_container(new))
-        if breaking:
-            raise ConfigError(
-                f"{path} was written by an earlier run with other settings, so this run could not continue it "
-                f"exactly:\n  - " + "\n  - ".join(breaking) + "\nUse the earlier values, or start a new run "
-                f"(leave out hydra.run.dir).")
-        for line in harmless:
+    if not path.exists():
+        return
+    if cfg.resume == "never":
+        raise ConfigError(f"{run_dir} already holds a run and resume=never: start a new run (leave out "
+                          f"hydra.run.dir) or pass resume=auto to continue this one.")
+    breaking, harmless = config_changes(OmegaConf.to_container(OmegaConf.load(path)),
+                                        OmegaConf.to_container(OmegaConf.structured(cfg)))
+    if breaking:
+        raise ConfigError(
+            f"{path} was written by an earlier run with other settings, so this run could not continue it "
+            f"exactly:\n  - " + "\n  - ".join(breaking) + "\nUse the earlier values, or start a new run "
+            f"(leave out hydra.run.dir).")
+    for line in harmless:
+        if not line.startswith("launcher."):  # ports and node addresses differ from start to start anyway
             say(f"changed since the last start: {line}")
-        for stale in (run_dir / "summary.json", run_dir / "errors"):  # results of the earlier attempt
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    for stale in (run_dir / "summary.json", run_dir / "errors"):  # results of the earlier attempt
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def write_run_config(cfg: Config, run_dir: Path) -> None:
+    """Write the resolved config the workers read (atomically: a resumed run replaces the earlier one's)."""
+    path = run_dir / "config.yaml"
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(OmegaConf.to_yaml(new))
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     os.replace(tmp, path)
 
 

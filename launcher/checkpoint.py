@@ -124,8 +124,8 @@ def resume_checkpoint(cfg: Config, run_dir: Path, world_size: int) -> Path | Non
 
 
 # Config values a resumed run may change: where/how it runs and how long, not what or how it learns.
-_MAY_CHANGE = ("launcher.", "train.max_steps", "train.epochs", "train.save_steps", "train.save_total_limit",
-               "train.log_every", "resume", "run_dir", "data_path", "dry_run", "output_dir", "name",
+_MAY_CHANGE = ("launcher.", "merge.", "train.max_steps", "train.epochs", "train.save_steps",
+               "train.save_total_limit", "train.log_every", "resume", "dry_run", "output_dir", "name",
                "dataset.num_proc", "dataset.cache_dir", "backend.timeout_minutes")
 
 
@@ -140,7 +140,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str],
 
     a, b = flat(old), flat(new)
     breaking, harmless = [], []
-    for key in sorted(set(a) & set(b)):
+    for key in sorted(set(a) & set(b) - {"run_dir", "data_path"}):  # filled in by the launcher
         if a[key] != b[key]:
             line = f"{key}: {a[key]!r} -> {b[key]!r}"
             (harmless if any(key == m or (m.endswith(".") and key.startswith(m)) for m in _MAY_CHANGE)

@@ -28,8 +28,8 @@ from tests.test_backends import losses_of, overrides_for, train
 
 def _start(*overrides: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "launcher", *overrides], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([sys.executable, "-m", "launcher", *overrides, "merge.after_train=false"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, seen: dict[int, psutil.Process],

@@ -18,7 +18,6 @@ class SingleBackend:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = compute_dtype(cfg.model)
 
     def build(self, make_model: MakeModel, total_steps: int) -> torch.nn.Module:
         # float32 master weights; bf16 math comes from autocast()
@@ -27,9 +26,8 @@ class SingleBackend:
         return self.model
 
     def autocast(self) -> AbstractContextManager:
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        dtype = compute_dtype(self.cfg.model)
+        return nullcontext() if dtype == torch.float32 else torch.autocast(self.device.type, dtype=dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
