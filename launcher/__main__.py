@@ -48,14 +48,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _cli(name: str) -> str:
+    """The CLI that sits next to this interpreter, so an un-activated venv works too."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else name
+
+
 def worker_command(cfg: Config, nproc: int) -> list[str]:
     """The exact command that starts this node's workers."""
     if cfg.backend.name == "single":
         return [sys.executable, "-m", "launcher.train", cfg.run_dir]
     lc = cfg.launcher
-    # The CLI that sits next to this interpreter, so an un-activated venv works too.
-    ds_cli = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(ds_cli) if ds_cli.exists() else "deepspeed", "--num_gpus", str(nproc), "--master_addr",
+    if cfg.backend.name == "fsdp":
+        from launcher.config import resolve_path
+        from launcher.model import compute_dtype
+
+        import torch
+
+        bf16 = compute_dtype(cfg.model) == torch.bfloat16
+        # Everything that differs per run goes on the command line; the shipped file holds the FSDP2 settings.
+        return [_cli("accelerate"), "launch", "--config_file", str(resolve_path(cfg.backend.accelerate_config)),
+                "--num_processes", str(nproc * lc.nnodes), "--num_machines", str(lc.nnodes),
+                "--machine_rank", str(lc.node_rank), "--main_process_ip", lc.master_addr,
+                "--main_process_port", str(lc.master_port), "--mixed_precision", "bf16" if bf16 else "no",
+                "--max_restarts", "0", "--module", "launcher.train", cfg.run_dir]
+    cmd = [_cli("deepspeed"), "--num_gpus", str(nproc), "--master_addr",
            lc.master_addr, "--master_port", str(lc.master_port), "--no_local_rank", "--log_level", "warning"]
     if lc.nnodes > 1:
         # Each node's launcher starts only its own workers: no ssh/pdsh between nodes.
@@ -69,6 +86,8 @@ def worker_env(cfg: Config, nproc: int) -> dict[str, str]:
     # Without this each CPU worker starts one thread per core and they fight (≈15× slower on 2 cores).
     env.setdefault("OMP_NUM_THREADS", str(threads))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Accelerate would quietly turn FSDP into DDP with this set; the FSDP backend works on CPU without it.
+    env.pop("ACCELERATE_USE_CPU", None)
     return env
 
 
@@ -86,15 +105,22 @@ def quiet_libraries() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, instead of DeepSpeed warning that it guessed
 
 
-def prepare_run(cfg: Config, run_dir: Path) -> None:
-    """Everything before the workers: model files, data, the resolved config."""
+def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
+    """Everything before the workers: model files, data, the resolved config (checked against an earlier run's
+    when resuming in the same run directory)."""
+    from launcher.checkpoint import resume_checkpoint
     from launcher.data import prepare
     from launcher.model import check_available, load_tokenizer, materialize
     from launcher.packing import load_plan, plan_path
     from launcher.config import resolve_path
 
+    check_resumable(cfg, run_dir)
     check_available(cfg.model)
     materialize(cfg.model)
+    if cfg.backend.name == "deepspeed":  # its "auto" values and contradictions, before any worker starts
+        from launcher.backends.deepspeed import fill_ds_config
+
+        fill_ds_config(cfg, world_size)
     tokenizer = load_tokenizer(cfg.model)
     tok_dir = resolve_path(cfg.model.name_or_path)
     t0 = time.time()
@@ -113,27 +139,159 @@ def prepare_run(cfg: Config, run_dir: Path) -> None:
         f"{write_report(run_dir, data_path, stats, tokenizer, cfg.dataset.cutoff_len)}")
     cfg.data_path = str(data_path)
     cfg.run_dir = str(run_dir)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    write_run_config(cfg, run_dir)
+    ckpt = resume_checkpoint(cfg, run_dir, world_size)
+    if ckpt is not None:
+        say(f"resuming from {ckpt}")
 
 
-def spawn(cmd: list[str], env: dict[str, str]) -> int:
-    """Run the workers in their own process group; forward Ctrl-C/SIGTERM/SIGUSR1 to all of them."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+def check_resumable(cfg: Config, run_dir: Path) -> None:
+    """In a run directory that already holds a run, go on only if training can continue it exactly (before
+    anything in it is touched)."""
+    from launcher.checkpoint import config_changes
 
-    def forward(signum, _frame):
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return
+    if cfg.resume == "never":
+        raise ConfigError(f"{run_dir} already holds a run and resume=never: start a new run (leave out "
+                          f"hydra.run.dir) or pass resume=auto to continue this one.")
+    breaking, harmless = config_changes(OmegaConf.to_container(OmegaConf.load(path)),
+                                        OmegaConf.to_container(OmegaConf.structured(cfg)))
+    if breaking:
+        raise ConfigError(
+            f"{path} was written by an earlier run with other settings, so this run could not continue it "
+            f"exactly:\n  - " + "\n  - ".join(breaking) + "\nUse the earlier values, or start a new run "
+            f"(leave out hydra.run.dir).")
+    for line in harmless:
+        if not line.startswith("launcher."):  # ports and node addresses differ from start to start anyway
+            say(f"changed since the last start: {line}")
+    for stale in (run_dir / "summary.json", run_dir / "errors"):  # results of the earlier attempt
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def write_run_config(cfg: Config, run_dir: Path) -> None:
+    """Write the resolved config the workers read (atomically: a resumed run replaces the earlier one's)."""
+    path = run_dir / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    os.replace(tmp, path)
+
+
+class ProcessTree:
+    """The worker launcher and everything it started, remembered while they live so that none outlives the job
+    (torchrun starts workers in sessions of their own, out of reach of the process group)."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.known: dict[int, "psutil.Process"] = {pid: self.root}
+
+    def refresh(self) -> None:
+        import psutil
+
         try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
+            for p in self.root.children(recursive=True):
+                self.known.setdefault(p.pid, p)
+        except psutil.Error:
             pass
 
+    def workers(self) -> list:
+        """The training processes (``-m launcher.train``), not the launchers between them and us."""
+        import psutil
+
+        self.refresh()
+        found = []
+        for p in self.known.values():
+            try:
+                cmd = p.cmdline()
+                # `python -m launcher.train`; the launchers in between only pass `--module launcher.train` on.
+                if p.is_running() and any(a == "-m" and b == "launcher.train" for a, b in zip(cmd, cmd[1:])):
+                    found.append(p)
+            except psutil.Error:
+                pass
+        return found
+
+    def wait_for_workers(self, timeout: float) -> None:
+        """Give training processes time to finish a checkpoint even if a launcher in between already exited
+        (under `scancel` every process of the job gets SIGTERM, and those launchers quit at once)."""
+        import psutil
+
+        psutil.wait_procs(self.workers(), timeout=timeout)
+
+    def kill(self) -> None:
+        import psutil
+
+        for p in self.known.values():
+            try:
+                if p.is_running():  # is_running also checks the pid was not reused
+                    p.kill()
+            except psutil.Error:
+                pass
+        try:
+            os.killpg(self.root.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def spawn(cmd: list[str], env: dict[str, str]) -> tuple[int, int | None]:
+    """Run the workers; return their exit code and the stop signal received, if any.
+
+    SIGTERM, SIGUSR1 and a first Ctrl-C are passed to the training processes only: they finish the step, save a
+    checkpoint and exit 0. (The `deepspeed` and `accelerate` launchers in between would kill them at once.)
+    A second Ctrl-C, or a signal before any worker exists, ends everything immediately.
+    """
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    tree = ProcessTree(proc.pid)
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame) -> None:
+        repeated = bool(received)
+        received.append(signum)
+        workers = tree.workers()
+        if not workers or (repeated and signum == signal.SIGINT):
+            say(f"{signal.Signals(signum).name}: stopping the workers now")
+            tree.kill()
+            return
+        if not repeated:
+            say(f"{signal.Signals(signum).name}: asking {len(workers)} worker(s) to finish the step, save a "
+                f"checkpoint and stop")
+        for w in workers:
+            try:
+                w.send_signal(signum)
+            except Exception:
+                pass
+
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, forward)
-    rc = proc.wait()
-    try:  # no orphan may outlive the launcher
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    return rc
+        signal.signal(sig, on_signal)
+    while True:
+        try:
+            rc = proc.wait(timeout=1)
+            break
+        except subprocess.TimeoutExpired:
+            tree.refresh()
+    if received:
+        tree.wait_for_workers(timeout=300)
+    tree.kill()  # no orphan may outlive the launcher
+    return rc, (received[0] if received else None)
+
+
+def report_failure(run_dir: Path, rc: int) -> None:
+    """Name the rank that failed first (later failures are usually other ranks losing contact with it)."""
+    errors = []
+    for f in sorted((run_dir / "errors").glob("rank-*.txt")):
+        stamp, _, trace = f.read_text().partition("\n")
+        errors.append((float(stamp), f, trace.strip().splitlines()[-1] if trace.strip() else "?"))
+    if errors:
+        _, f, last = min(errors)
+        rank = f.stem.split("-")[1]
+        say(f"workers failed (exit code {rc}); rank {rank} failed first: {last}")
+        say(f"its full traceback is above and in {f}")
+    else:
+        say(f"workers failed with exit code {rc} (a worker was killed or crashed without a Python error; "
+            f"see above)")
+    say(f"run directory: {run_dir}")
 
 
 def print_summary(run_dir: Path) -> None:
@@ -141,8 +299,11 @@ def print_summary(run_dir: Path) -> None:
     if not path.is_file():
         return
     s = json.loads(path.read_text())
-    say(f"done: {s['steps']} steps, {s['tokens']:,} tokens ({s['supervised_tokens']:,} supervised), "
-        f"{s['train_seconds']}s training, loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}")
+    if s["first_loss"] is None:  # resumed a run that had finished already
+        say(f"nothing to do: the run had finished all {s['steps']} steps")
+    else:
+        say(f"done: {s['steps']} steps, {s['tokens']:,} tokens ({s['supervised_tokens']:,} supervised), "
+            f"{s['train_seconds']}s training, loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}")
     if "padding_fraction" in s:
         say(f"padding: {s['padding_fraction']:.1%} of the token slots trained on were padding")
     say(f"checkpoint: {s['checkpoint']}")
@@ -150,29 +311,40 @@ def print_summary(run_dir: Path) -> None:
 
 
 def run(dcfg: DictConfig) -> int:
+    from launcher.checkpoint import STOPPED_EXIT_CODE
+
     cfg = to_object(dcfg)
     validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     nproc = workers_per_node(cfg)
     if cfg.launcher.master_port is None:
         cfg.launcher.master_port = free_port()
+    cfg.launcher.nproc_per_node = nproc  # workers check they formed a world of this size × nnodes
     if cfg.dry_run:
         cfg.run_dir = str(run_dir)
         print(shlex.join(worker_command(cfg, nproc)))
         return 0
     quiet_libraries()
-    prepare_run(cfg, run_dir)
+    prepare_run(cfg, run_dir, nproc * cfg.launcher.nnodes)
     cmd = worker_command(cfg, nproc)
     say(f"starting {nproc} worker(s) per node × {cfg.launcher.nnodes} node(s): {shlex.join(cmd)}")
     if cfg.backend.name == "single":
         from launcher.train import run as train_run
 
+        rc, stop = 0, None
         train_run(run_dir)
-        rc = 0
     else:
-        rc = spawn(cmd, worker_env(cfg, nproc))
+        rc, stop = spawn(cmd, worker_env(cfg, nproc))
+    # (an earlier attempt's summary was removed when this one started)
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    if summary.get("stopped") or (rc != 0 and stop is not None):
+        saved = (f"checkpoint {summary['checkpoint']} saved at step {summary['steps']}" if summary else
+                 "stopped before a new checkpoint was written")
+        say(f"stopped on request: {saved}. Continue with the same command plus hydra.run.dir={run_dir} "
+            f"(exit code {STOPPED_EXIT_CODE}: requeue).")
+        return STOPPED_EXIT_CODE
     if rc != 0:
-        say(f"workers failed with exit code {rc}; the failing rank's error is above. Run directory: {run_dir}")
+        report_failure(run_dir, rc)
         return rc
     print_summary(run_dir)
     if cfg.merge.after_train and cfg.launcher.node_rank == 0:  # one node merges, from the shared run directory

@@ -114,20 +114,29 @@ class BackendConfig:
     """How workers are started and how they shard the model."""
 
     # "single": one process, plain PyTorch, run in the launcher process.
-    # "deepspeed": workers started by the `deepspeed` CLI with `ds_config`.
+    # "deepspeed": workers started by the `deepspeed` CLI; ZeRO stage and offload come from `ds_config`.
+    # "fsdp": workers started by `accelerate launch` with `accelerate_config` (FSDP2, full shard).
     name: str = "single"
+    # DeepSpeed JSON; its "auto" values are filled from this config (an explicit contradicting value is an error).
     ds_config: Optional[str] = None
+    # Accelerate config file for name=fsdp (distributed_type FSDP, fsdp_version 2).
+    accelerate_config: Optional[str] = None
+    # How long a collective waits for a missing rank before the job fails, so a hung rank never hangs the job.
+    timeout_minutes: float = 30.0
 
 
 @dataclass
 class FinetuneConfig:
     """Full fine-tuning or LoRA adapters (PEFT)."""
 
-    method: str = "full"  # "full" or "lora"
+    method: str = "full"  # "full", "lora", or "qlora" (LoRA on a 4-bit base; needs a GPU and bitsandbytes)
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
+    # Module names to adapt, or [all-linear] for every linear layer except the output head.
     lora_target: list[str] = field(default_factory=lambda: ["all-linear"])
+    # Modules trained in full next to the adapters, e.g. [embed_tokens,lm_head] when the template added tokens.
+    lora_modules_to_save: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -201,6 +210,9 @@ class Config:
     run_dir: str = ""
     data_path: str = ""
     dry_run: bool = False
+    # "auto": continue from the newest complete checkpoint in the run directory (pass hydra.run.dir=<run dir>),
+    # "never": start from step 0, or the path of one checkpoints/step-N directory to continue from.
+    resume: str = "auto"
 
 
 def register_configs() -> None:
@@ -238,6 +250,22 @@ def _choice(errors: list[str], key: str, value: Any, allowed: tuple[str, ...]) -
         errors.append(f"{key}={value!r} is not one of {', '.join(allowed)}.")
 
 
+def _qlora_problems(cfg: Config) -> list[str]:
+    """QLoRA stores the frozen base in 4 bits with bitsandbytes kernels, which exist only for GPUs."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        return ["finetune.method=qlora needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes); "
+                "this machine has " + ("no CUDA GPU" if not torch.cuda.is_available() else "no bitsandbytes")
+                + ". Use finetune=lora instead."]
+    if cfg.backend.name != "single":
+        return [f"finetune.method=qlora runs with backend=single only (4-bit weights cannot be sharded by "
+                f"backend.name={cfg.backend.name!r} here); use finetune=lora with a sharded backend."]
+    return []
+
+
 def validate(cfg: Config) -> None:
     """Check cross-field rules; raise one ConfigError listing every problem with its fix."""
     e: list[str] = []
@@ -245,8 +273,8 @@ def validate(cfg: Config) -> None:
     _choice(e, "model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16"))
     _choice(e, "model.attn_implementation", cfg.model.attn_implementation,
             ("sdpa", "eager", "flash_attention_2", "flash_attention_3"))
-    _choice(e, "backend.name", cfg.backend.name, ("single", "deepspeed"))
-    _choice(e, "finetune.method", cfg.finetune.method, ("full", "lora"))
+    _choice(e, "backend.name", cfg.backend.name, ("single", "deepspeed", "fsdp"))
+    _choice(e, "finetune.method", cfg.finetune.method, ("full", "lora", "qlora"))
     _choice(e, "dataset.overlong", cfg.dataset.overlong, ("truncate", "drop"))
     _choice(e, "dataset.on_error", cfg.dataset.on_error, ("raise", "skip"))
     _choice(e, "template.system_position", cfg.template.system_position, ("turn", "first_user", "last_user"))
@@ -255,6 +283,15 @@ def validate(cfg: Config) -> None:
     if cfg.backend.ds_config and not resolve_path(cfg.backend.ds_config).is_file():
         e.append(f"backend.ds_config={cfg.backend.ds_config!r} does not exist: use a file from ds_configs/ "
                  f"or an absolute path.")
+    if cfg.backend.name == "fsdp" and not cfg.backend.accelerate_config:
+        e.append("backend.accelerate_config is empty: name an Accelerate config file, e.g. backend=fsdp.")
+    if cfg.backend.accelerate_config and not resolve_path(cfg.backend.accelerate_config).is_file():
+        e.append(f"backend.accelerate_config={cfg.backend.accelerate_config!r} does not exist: use "
+                 f"accelerate_configs/fsdp2.yaml or an absolute path.")
+    if cfg.backend.timeout_minutes <= 0:
+        e.append(f"backend.timeout_minutes={cfg.backend.timeout_minutes} must be positive, e.g. 30.")
+    if cfg.finetune.method == "qlora":
+        e += _qlora_problems(cfg)
     if cfg.dataset.cutoff_len < 16:
         e.append(f"dataset.cutoff_len={cfg.dataset.cutoff_len} is too small: use at least 16 tokens.")
     if not cfg.dataset.names:

@@ -90,13 +90,33 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tok
 
 
-def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Load the causal LM for training: master weights in ``dtype``, no KV cache (which would defeat packing)."""
-    from transformers import AutoModelForCausalLM
+def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, empty: bool = False,
+               quantize_4bit: bool = False) -> torch.nn.Module:
+    """Load the causal LM for training: master weights in ``dtype``, no KV cache (which would defeat packing).
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir(cfg), dtype=dtype, attn_implementation=cfg.attn_implementation,
-        trust_remote_code=cfg.trust_remote_code)
+    ``empty=True`` builds the architecture with parameters on the meta device and reads no weights (buffers stay
+    real): FSDP ranks other than 0 do this and receive their shard from rank 0, so host memory holds one copy of
+    the model, not one per rank. ``quantize_4bit`` loads the base in NF4 for QLoRA (GPU + bitsandbytes only).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                  trust_remote_code=cfg.trust_remote_code)
+    if empty:
+        from accelerate import init_empty_weights
+
+        config = AutoConfig.from_pretrained(model_dir(cfg), trust_remote_code=cfg.trust_remote_code)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+    else:
+        if quantize_4bit:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype)
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+        model = AutoModelForCausalLM.from_pretrained(model_dir(cfg), **kwargs)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -104,15 +124,18 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> torch.nn
 
 
 def apply_finetune(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
-    """Full fine-tuning trains everything; LoRA freezes the base and adds PEFT adapters."""
+    """Full fine-tuning trains everything; LoRA/QLoRA freeze the base and add PEFT adapters."""
     if cfg.method == "full":
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     target = cfg.lora_target
     lora = LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-        target_modules="all-linear" if list(target) == ["all-linear"] else list(target))
+        target_modules="all-linear" if list(target) == ["all-linear"] else list(target),
+        modules_to_save=list(cfg.lora_modules_to_save) or None)
     if getattr(model, "is_gradient_checkpointing", False):
         model.enable_input_require_grads()
     return get_peft_model(model, lora)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
+import traceback
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from launcher.backends import Backend, make_backend
+from launcher.checkpoint import StopRequest, complete_checkpoints, resume, save_checkpoint
 from launcher.config import Config, load_run_config
 from launcher.metrics import MetricsLogger
-from launcher.model import apply_finetune, compute_dtype, load_model, load_tokenizer
+from launcher.model import apply_finetune, load_model, load_tokenizer
 from launcher.packing import (ISOLATING_ATTENTION, LEAK_TOLERANCE, RowLoader, RowPlan, isolation_leak, load_plan,
                               packed_forward, plan_path, varlen_attention)
 from launcher.templates import IGNORE_INDEX
@@ -100,94 +102,139 @@ def micro_batches(loader: RowLoader, start: int = 0) -> Iterator[dict[str, torch
         epoch, idx = epoch + 1, 0
 
 
-def save_checkpoint(backend: Backend, run_dir: Path, step: int, state: dict, keep: int) -> Path:
-    """Write ``checkpoints/step-N`` atomically: into a temporary directory, then one rename, then prune."""
-    root = run_dir / "checkpoints"
-    final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
-    if backend.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    backend.barrier()
-    backend.save(tmp)
-    backend.barrier()
-    if backend.rank == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        (tmp / "COMPLETE").write_text(str(step))
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        done = sorted((p for p in root.glob("step-*") if (p / "COMPLETE").is_file()),
-                      key=lambda p: int(p.name.split("-")[1]))
-        for old in done[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    backend.barrier()
-    return final
-
-
-def run(run_dir: str | Path) -> dict:
-    """Train as configured in ``run_dir/config.yaml``; returns the summary (rank 0 also writes summary.json)."""
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    if cfg.dataset.packing and cfg.model.attn_implementation not in ISOLATING_ATTENTION:
-        raise SystemExit(f"model.attn_implementation={cfg.model.attn_implementation!r} cannot keep packed records "
-                         f"apart; use one of {', '.join(ISOLATING_ATTENTION)} or dataset.packing=false.")
-    torch.manual_seed(cfg.train.seed)
-    backend = make_backend(cfg)
-    dtype = compute_dtype(cfg.model)
-    tokenizer = load_tokenizer(cfg.model)
-
+def build_loader(cfg: Config, backend: Backend) -> tuple[RowLoader, int]:
+    """This rank's micro-batches of the prepared data, and the number of optimizer steps to run."""
     import datasets
 
     ds = datasets.load_from_disk(str(Path(cfg.data_path) / "train"))
     rows = load_rows(cfg)
     loader = RowLoader(ds, rows, cfg.train.micro_batch_size, backend.rank, backend.world_size, cfg.train.seed,
-                       tokenizer.pad_token_id, flatten=varlen_attention(cfg.model.attn_implementation))
-    total_steps, _ = plan_steps(len(rows), cfg, backend.world_size)
+                       load_tokenizer(cfg.model).pad_token_id, flatten=varlen_attention(cfg.model.attn_implementation))
+    return loader, plan_steps(len(rows), cfg, backend.world_size)[0]
 
-    # DeepSpeed keeps bf16 weights itself; the plain backends keep float32 masters and autocast.
-    load_dtype = dtype if cfg.backend.name == "deepspeed" else torch.float32
-    model = backend.build(lambda: apply_finetune(load_model(cfg.model, load_dtype), cfg.finetune), total_steps)
+
+def build_model(cfg: Config, dtype: torch.dtype, empty: bool) -> torch.nn.Module:
+    """The model with its fine-tuning method applied (what every backend's ``build`` wraps)."""
+    model = load_model(cfg.model, dtype, empty=empty, quantize_4bit=cfg.finetune.method == "qlora")
+    torch.manual_seed(cfg.train.seed)  # adapter init must not depend on how each backend loaded the base
+    return apply_finetune(model, cfg.finetune)
+
+
+def check_world(cfg: Config, backend: Backend) -> None:
+    """Fail loudly if the workers did not form the process group the launcher started (e.g. a library quietly
+    running each process alone): they would all train on the same data and write the same files."""
+    expected = 1 if cfg.backend.name == "single" else (cfg.launcher.nproc_per_node or 0) * cfg.launcher.nnodes
+    if expected and backend.world_size != expected:
+        raise RuntimeError(f"the launcher started {expected} workers but this one sees a world of "
+                           f"{backend.world_size}: backend {cfg.backend.name!r} did not form the process group.")
+
+
+def train_step(model: torch.nn.Module, backend: Backend, batches: list[dict[str, torch.Tensor]]) -> dict:
+    """One optimizer step over this rank's micro-batches; returns the step's metrics (same on every rank) and,
+    under "slots", the token slots it used (padding included)."""
+    t0 = time.time()
+    batches = [{k: v.to(backend.device) for k, v in b.items()} for b in batches]
+    totals = forward_backward(model, batches, backend, backend.autocast())
+    grad_norm = backend.step()
+    dt = time.time() - t0
+    return {"loss": totals["loss"], "lr": backend.lr(), "grad_norm": grad_norm, "tokens": int(totals["tokens"]),
+            "supervised_tokens": int(totals["supervised_tokens"]),
+            "padding_fraction": 1 - totals["tokens"] / max(totals["slots"], 1.0),
+            "step_time": dt, "tokens_per_s": totals["tokens"] / dt, "slots": totals["slots"]}
+
+
+def run(run_dir: str | Path) -> dict:
+    """Train as configured in ``run_dir/config.yaml``; returns the summary (rank 0 also writes summary.json).
+
+    SIGTERM/SIGUSR1 stop after the current step with a checkpoint (the summary then says ``"stopped": true``).
+    """
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    if cfg.dataset.packing and cfg.model.attn_implementation not in ISOLATING_ATTENTION:
+        raise SystemExit(f"model.attn_implementation={cfg.model.attn_implementation!r} cannot keep packed records "
+                         f"apart; use one of {', '.join(ISOLATING_ATTENTION)} or dataset.packing=false.")
+    stop = StopRequest()
+    torch.manual_seed(cfg.train.seed)
+    backend = make_backend(cfg)
+    check_world(cfg, backend)
+    loader, total_steps = build_loader(cfg, backend)
+    rss_before_model = host_memory_mb()
+    model = backend.build(partial(build_model, cfg), total_steps)
     model.train()
-    autocast = (torch.autocast(backend.device.type, dtype=dtype)
-                if dtype != torch.float32 and cfg.backend.name != "deepspeed" else nullcontext())
-
     if cfg.dataset.packing:
-        refuse_leaking_packing(model, cfg, len(tokenizer), backend)
+        refuse_leaking_packing(model, cfg, len(load_tokenizer(cfg.model)), backend)
+    state = resume(backend, run_dir, cfg)
 
     metrics = MetricsLogger(run_dir, backend.rank, total_steps, cfg.train.log_every)
-    stream = micro_batches(loader)
-    gas = cfg.train.grad_accum
-    slots = 0.0
-    for step in range(1, total_steps + 1):
-        t0 = time.time()
-        batches = [{k: v.to(backend.device) for k, v in next(stream).items()} for _ in range(gas)]
-        totals = forward_backward(model, batches, backend, autocast)
-        grad_norm = backend.step()
-        dt = time.time() - t0
-        slots += totals["slots"]
-        metrics.log_step(step, {"loss": totals["loss"], "lr": backend.lr(), "grad_norm": grad_norm,
-                                "tokens": int(totals["tokens"]), "supervised_tokens": int(totals["supervised_tokens"]),
-                                "padding_fraction": 1 - totals["tokens"] / max(totals["slots"], 1.0),
-                                "step_time": dt, "tokens_per_s": totals["tokens"] / dt})
-        if cfg.train.save_steps and step % cfg.train.save_steps == 0 and step < total_steps:
-            save_checkpoint(backend, run_dir, step, {"step": step, "micro_batch": step * gas},
-                            cfg.train.save_total_limit)
+    stream = micro_batches(loader, state.micro_batch)
+    gas, every = cfg.train.grad_accum, cfg.train.save_steps
+    stopped, ckpt, slots = False, None, 0.0
+    while state.step < total_steps and not stopped:
+        step_metrics = train_step(model, backend, [next(stream) for _ in range(gas)])
+        slots += step_metrics.pop("slots")
+        metrics.log_step(state.step + 1, step_metrics)
+        state.step, state.micro_batch = state.step + 1, state.micro_batch + gas
+        stopped = stop.requested(backend)
+        if stopped or state.step == total_steps or (every and state.step % every == 0):
+            ckpt = save_checkpoint(backend, model, run_dir, state, cfg.train.save_total_limit)
 
-    ckpt = save_checkpoint(backend, run_dir, total_steps, {"step": total_steps, "micro_batch": total_steps * gas},
-                           cfg.train.save_total_limit)
-    summary = metrics.summary(total_steps, {"world_size": backend.world_size, "checkpoint": str(ckpt),
-                                            "packing": rows.stats.as_dict(),
-                                            "padding_fraction": round(1 - metrics.tokens / max(slots, 1.0), 6)})
+    if ckpt is None:  # nothing left to train: the run was complete already
+        ckpt = complete_checkpoints(run_dir)[-1]
+    summary = metrics.summary(state.step, {
+        "world_size": backend.world_size, "checkpoint": str(ckpt), "stopped": stopped,
+        "packing": loader.rows.stats.as_dict(), "padding_fraction": round(1 - metrics.tokens / max(slots, 1.0), 6),
+        **resource_facts(backend, rss_before_model)})
     if backend.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    stop.close()
     backend.close()
     return summary
+
+
+def resource_facts(backend: Backend, rss_before_model: float) -> dict:
+    """What each rank holds: parameter elements and memory (shows what sharding really did)."""
+    local, total = backend.param_counts()
+    return {"params_per_rank": {"held": [int(x) for x in per_rank(backend, local)], "total": total},
+            "memory_mb_per_rank": {"before_model": per_rank(backend, rss_before_model),
+                                   "peak": per_rank(backend, host_memory_mb(peak=True)),
+                                   "device_peak": per_rank(backend, device_memory_mb(backend))}}
+
+
+def per_rank(backend: Backend, value: float) -> list[float]:
+    """``value`` of every rank, on every rank."""
+    t = torch.zeros(backend.world_size, dtype=torch.float64, device=backend.device)
+    t[backend.rank] = value
+    return [round(x, 1) for x in backend.all_reduce_sum(t).tolist()]
+
+
+def host_memory_mb(peak: bool = False) -> float:
+    """Resident memory of this process now, or its peak so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    import psutil
+
+    if peak:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def device_memory_mb(backend: Backend) -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if backend.device.type == "cuda" else 0.0
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit("usage: python -m launcher.train <run_dir>")
-    run(args[0])
+    try:
+        run(args[0])
+    except Exception:
+        # Every rank's output is interleaved on the console; this file lets the launcher name the first failure.
+        rank = os.environ.get("RANK", "0")
+        err_dir = Path(args[0]) / "errors"
+        err_dir.mkdir(exist_ok=True)
+        (err_dir / f"rank-{rank}.txt").write_text(f"{time.time()}\n{traceback.format_exc()}")
+        raise
 
 
 if __name__ == "__main__":

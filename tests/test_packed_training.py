@@ -110,7 +110,7 @@ def _step(batches: list[dict[str, torch.Tensor]], attn: str = "sdpa") -> tuple[f
     """The worker's forward_backward on a fresh tiny model with the plain-PyTorch backend: loss and gradients."""
     model = tiny_model(attn)
     backend = SingleBackend(Config(optimizer=OptimizerConfig()))
-    backend.build(lambda: model, total_steps=1)
+    backend.build(lambda dtype, empty: model, total_steps=1)
     out = forward_backward(model, batches, backend)
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return out["loss"], grads

@@ -1,10 +1,14 @@
 """Backends: how a worker wraps the model, steps the optimizer and writes checkpoints.
 
-The training loop talks only to :class:`Backend`; it never branches on which one it has.
+The training loop talks only to :class:`Backend`; it never branches on which one it has. The implementations:
+``single.py`` (one process, plain PyTorch: the reference), ``deepspeed.py`` (ZeRO-2/3, optional offload) and
+``fsdp.py`` (Accelerate + torch FSDP2).
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -12,14 +16,21 @@ import torch
 
 from launcher.config import Config
 
+# make_model(dtype, empty): the model with its fine-tuning method applied, master weights in ``dtype``; with
+# ``empty=True`` parameters stay on the meta device (a rank that receives its shard from rank 0).
+MakeModel = Callable[[torch.dtype, bool], torch.nn.Module]
+
 
 class Backend(Protocol):
     rank: int
     world_size: int
     device: torch.device
 
-    def build(self, make_model: Callable[[], torch.nn.Module], total_steps: int) -> torch.nn.Module:
+    def build(self, make_model: MakeModel, total_steps: int) -> torch.nn.Module:
         """Create the model (sharded as the backend does it), optimizer and schedule; return the module to call."""
+
+    def autocast(self) -> AbstractContextManager:
+        """The context the forward pass runs in (mixed precision, where the backend does not do it itself)."""
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate gradients of ``loss``; the loop has already normalised it for the whole optimizer step."""
@@ -31,8 +42,14 @@ class Backend(Protocol):
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor: ...
 
+    def param_counts(self) -> tuple[int, int]:
+        """(parameter elements this rank holds, parameter elements of the whole model)."""
+
     def save(self, directory: Path) -> None:
-        """Write model and optimizer state into ``directory`` (all ranks call this)."""
+        """Write model, optimizer and schedule state into ``directory`` (all ranks call this)."""
+
+    def load(self, directory: Path) -> None:
+        """Restore what :meth:`save` wrote (all ranks call this, after :meth:`build`)."""
 
     def barrier(self) -> None: ...
 
@@ -44,9 +61,22 @@ def make_backend(cfg: Config) -> Backend:
         from launcher.backends.deepspeed import DeepSpeedBackend
 
         return DeepSpeedBackend(cfg)
+    if cfg.backend.name == "fsdp":
+        from launcher.backends.fsdp import FSDPBackend
+
+        return FSDPBackend(cfg)
     from launcher.backends.single import SingleBackend
 
     return SingleBackend(cfg)
+
+
+def collective_timeout(cfg: Config) -> timedelta:
+    """How long a collective may wait for a peer: a rank that hangs fails the job instead of hanging it."""
+    return timedelta(minutes=cfg.backend.timeout_minutes)
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], total_steps: int):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from launcher.backends import make_optimizer
+from launcher.backends import MakeModel, make_optimizer, trainable
 from launcher.config import Config
+from launcher.model import compute_dtype
 
 
 class SingleBackend:
@@ -18,19 +19,22 @@ class SingleBackend:
         self.cfg = cfg
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def build(self, make_model: Callable[[], torch.nn.Module], total_steps: int) -> torch.nn.Module:
-        self.model = make_model().to(self.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt, self.sched = make_optimizer(self.cfg, params, total_steps)
+    def build(self, make_model: MakeModel, total_steps: int) -> torch.nn.Module:
+        # float32 master weights; bf16 math comes from autocast()
+        self.model = make_model(torch.float32, False).to(self.device)
+        self.opt, self.sched = make_optimizer(self.cfg, trainable(self.model), total_steps)
         return self.model
+
+    def autocast(self) -> AbstractContextManager:
+        dtype = compute_dtype(self.cfg.model)
+        return nullcontext() if dtype == torch.float32 else torch.autocast(self.device.type, dtype=dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
     def step(self) -> float:
         clip = self.cfg.optimizer.max_grad_norm
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(trainable(self.model), clip if clip > 0 else float("inf"))
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -42,10 +46,30 @@ class SingleBackend:
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def param_counts(self) -> tuple[int, int]:
+        n = sum(p.numel() for p in self.model.parameters())
+        return n, n
+
+    def _saved_keys(self) -> set[str]:
+        """Every weight for full fine-tuning; only the trained ones (adapters) for LoRA: the base is on disk."""
+        if self.cfg.finetune.method == "full":
+            return set(self.model.state_dict())
+        return {n for n, p in self.model.named_parameters() if p.requires_grad}
+
     def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                    "scheduler": self.sched.state_dict()}, directory / "state.pt")
+        keys = self._saved_keys()
+        model = {k: v for k, v in self.model.state_dict().items() if k in keys}
+        torch.save({"model": model, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()},
+                   directory / "state.pt")
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(directory / "state.pt", map_location=self.device, weights_only=True)
+        missing = self._saved_keys() - set(state["model"])
+        if missing:
+            raise RuntimeError(f"{directory}/state.pt lacks {len(missing)} weights, e.g. {sorted(missing)[0]}")
+        self.model.load_state_dict(state["model"], strict=False)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
 
     def barrier(self) -> None:
         pass

@@ -1,0 +1,284 @@
+"""Checkpoints: what a run needs to continue exactly where it stopped, written so that a half-written one is never read.
+
+A checkpoint is written into ``checkpoints/.tmp-step-N`` by every rank, then rank 0 adds ``trainer_state.json`` and
+the ``COMPLETE`` marker and renames it to ``checkpoints/step-N`` (one atomic rename), then prunes to the newest
+``train.save_total_limit``. Only directories named ``step-N`` that hold ``COMPLETE`` are ever resumed from or
+exported; anything else (a ``.tmp-*`` left by a killed job) is ignored and cleaned up.
+
+Layout of ``<run_dir>/checkpoints/step-N/``::
+
+    COMPLETE               the step number; written last
+    trainer_state.json     {"step", "micro_batch" (data cursor: micro-batches each rank consumed), "world_size",
+                            "backend", "finetune"}
+    rng/rank-R.pt          rank R's Python, NumPy, torch (and CUDA) RNG states
+    adapter_config.json    LoRA only: the PEFT config; the frozen base is model.name_or_path of <run_dir>/config.yaml
+
+    backend=deepspeed      DeepSpeed's own layout, tag = "step-N" (for LoRA only the trained parameters):
+                             mp_rank_00_model_states.pt, zero_pp_rank_R_mp_rank_00_optim_states.pt
+                             (+ zero_pp_rank_R_mp_rank_00_model_states.pt with ZeRO-3)
+                           consolidate: deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
+                             "<run_dir>/checkpoints", tag="step-N")
+    backend=fsdp           torch.distributed.checkpoint (DCP) directories, sharded by rank, keyed by the parameter
+                           names of the unwrapped (PEFT) model, fp32:
+                             model/       .metadata + __R_0.distcp  (for LoRA only the trained parameters)
+                             optimizer/   .metadata + __R_0.distcp  (AdamW state keyed by parameter name)
+                             scheduler.pt
+                           consolidate: torch.distributed.checkpoint.format_utils.dcp_to_torch_save(
+                             "step-N/model", "model.pt")
+    backend=single         state.pt: {"model": state dict (trained parameters only for LoRA), "optimizer",
+                           "scheduler"}
+
+:func:`consolidated_state_dict` reads any of the three into one fp32 state dict in a single process.
+
+Stopping early: SIGTERM, SIGUSR1 (and a first Ctrl-C) make every worker finish its current optimizer step, save a
+checkpoint and exit; the launcher then exits with :data:`STOPPED_EXIT_CODE` so a batch script can requeue the job.
+Running the same command with ``hydra.run.dir=<run_dir>`` (``resume=auto``, the default) continues from the newest
+complete checkpoint and reproduces the per-step losses of an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from launcher.config import Config, ConfigError, resolve_path
+
+if TYPE_CHECKING:
+    from launcher.backends import Backend
+
+# EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry". The launcher exits with it after
+# workers stopped on SIGTERM/SIGUSR1 (a checkpoint was saved, or no progress was lost): requeue and resume.
+STOPPED_EXIT_CODE = 75
+COMPLETE = "COMPLETE"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from; the message says which and what to do."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands, beyond what the backend saves (model, optimizer, schedule)."""
+
+    step: int = 0  # optimizer steps done
+    micro_batch: int = 0  # micro-batches each rank has consumed: the data cursor (RowLoader needs no replay)
+    world_size: int = 1
+    backend: str = ""
+    finetune: str = ""
+
+
+# --------------------------------------------------------------------------------------------- finding
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """``checkpoints/step-N`` directories holding the COMPLETE marker, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    found = [(int(m.group(1)), p) for p in root.glob("step-*")
+             if (m := _STEP_DIR.fullmatch(p.name)) and (p / COMPLETE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def read_state(ckpt: Path) -> TrainState:
+    return TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
+
+
+def resume_checkpoint(cfg: Config, run_dir: Path, world_size: int) -> Path | None:
+    """The checkpoint this run continues from (None: start at step 0), after checking it can be used.
+
+    The launcher calls this before any worker starts, so a wrong ``resume`` value or a checkpoint written by a
+    different number of ranks fails with a plain message; every worker calls it again to find the same directory.
+    """
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        done = complete_checkpoints(run_dir)
+        if not done:
+            return None
+        ckpt = done[-1]
+    else:
+        ckpt = resolve_path(cfg.resume)
+        if not (ckpt / COMPLETE).is_file():
+            raise CheckpointError(
+                f"resume={cfg.resume!r}: {ckpt} is not a complete checkpoint (no {COMPLETE} marker). Pass a "
+                f"checkpoints/step-N directory of an earlier run, resume=auto, or resume=never.")
+    state = read_state(ckpt)
+    if state.world_size != world_size:
+        raise CheckpointError(
+            f"{ckpt} was written by {state.world_size} ranks but this run has {world_size}; its sharded optimizer "
+            f"state and data position only fit the same number. Resume with launcher.nproc_per_node × "
+            f"launcher.nnodes = {state.world_size}, or start a new run directory.")
+    if state.backend != cfg.backend.name or state.finetune != cfg.finetune.method:
+        raise CheckpointError(
+            f"{ckpt} was written by backend={state.backend}, finetune={state.finetune}; this run uses "
+            f"backend={cfg.backend.name}, finetune={cfg.finetune.method}. Use the same ones to resume.")
+    return ckpt
+
+
+# Config values a resumed run may change: where/how it runs and how long, not what or how it learns.
+_MAY_CHANGE = ("launcher.", "merge.", "train.max_steps", "train.epochs", "train.save_steps",
+               "train.save_total_limit", "train.log_every", "resume", "dry_run", "output_dir", "name",
+               "dataset.num_proc", "dataset.cache_dir", "backend.timeout_minutes")
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(changes that break an exact continuation, harmless changes) between two resolved configs, as
+    ``key: old -> new`` lines. Keys only one side has (a field added by a newer version) are harmless."""
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(old), flat(new)
+    breaking, harmless = [], []
+    for key in sorted(set(a) & set(b) - {"run_dir", "data_path"}):  # filled in by the launcher
+        if a[key] != b[key]:
+            line = f"{key}: {a[key]!r} -> {b[key]!r}"
+            (harmless if any(key == m or (m.endswith(".") and key.startswith(m)) for m in _MAY_CHANGE)
+             else breaking).append(line)
+    return breaking, harmless
+
+
+# --------------------------------------------------------------------------------------------- RNG
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------- save / load
+def _adapter_config(model: torch.nn.Module) -> Any:
+    """The PEFT config of a (possibly engine-wrapped) LoRA model, or None."""
+    for m in (model, getattr(model, "module", None)):
+        if m is not None and hasattr(m, "peft_config"):
+            return m.peft_config["default"]
+    return None
+
+
+def save_checkpoint(backend: Backend, model: torch.nn.Module, run_dir: Path, state: TrainState,
+                    keep: int) -> Path:
+    """Write ``checkpoints/step-N`` atomically: into a temporary directory, then one rename, then prune."""
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"step-{state.step}", root / f".tmp-step-{state.step}"
+    if backend.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    backend.barrier()
+    backend.save(tmp)
+    torch.save(rng_state(), tmp / "rng" / f"rank-{backend.rank}.pt")
+    backend.barrier()
+    if backend.rank == 0:
+        if (adapter := _adapter_config(model)) is not None:
+            adapter.save_pretrained(tmp)
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+        (tmp / COMPLETE).write_text(str(state.step))
+        if final.exists():  # only when re-saving a step after a resume; the new one is as good
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        done = complete_checkpoints(run_dir)
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    backend.barrier()
+    return final
+
+
+def resume(backend: Backend, run_dir: Path, cfg: Config) -> TrainState:
+    """Restore model, optimizer, schedule, data position and RNG from the checkpoint to continue from, if any."""
+    ckpt = resume_checkpoint(cfg, run_dir, backend.world_size)
+    if backend.rank == 0:  # leftovers of a save that was interrupted: never read, now removed
+        for tmp in (Path(run_dir) / "checkpoints").glob(".tmp-step-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+    if ckpt is None:
+        return TrainState(world_size=backend.world_size, backend=cfg.backend.name, finetune=cfg.finetune.method)
+    backend.load(ckpt)
+    state = read_state(ckpt)
+    set_rng_state(torch.load(ckpt / "rng" / f"rank-{backend.rank}.pt", weights_only=False))
+    if backend.rank == 0:
+        _trim_metrics(Path(run_dir) / "metrics.jsonl", state.step)
+        print(f"resumed from {ckpt} (step {state.step})", flush=True)
+    backend.barrier()
+    return state
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metric lines of steps after the checkpoint: the resumed run logs them again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """All saved parameters of a checkpoint of any backend, gathered into one fp32 state dict (one process).
+
+    Keys are the trained model's parameter names (PEFT names for LoRA, where only trained parameters are saved).
+    """
+    ckpt = Path(ckpt)
+    if not (ckpt / COMPLETE).is_file():
+        raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker).")
+    state = read_state(ckpt)
+    if state.backend == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    elif state.backend == "fsdp":
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+        sd = {}  # what torch's dcp_to_torch_save does, without writing a file
+        _load_state_dict(sd, storage_reader=FileSystemReader(str(ckpt / "model")),
+                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    else:
+        sd = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["model"]
+    return {k: v.detach().float() for k, v in sd.items()}
+
+
+# --------------------------------------------------------------------------------------------- stopping
+class StopRequest:
+    """SIGTERM, SIGUSR1 or a first SIGINT ask this worker to finish its step, save and stop (a second SIGINT
+    interrupts at once). Ranks agree through :meth:`requested`, so all stop after the same step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt
+        if self.received is None:
+            print(f"received {signal.Signals(signum).name}: finishing this step, then saving a checkpoint",
+                  flush=True)
+        self.received = signum
+
+    def requested(self, backend: Backend) -> bool:
+        """Whether any rank was asked to stop (one tiny all-reduce per step)."""
+        flag = torch.tensor([0.0 if self.received is None else 1.0], device=backend.device)
+        return bool(backend.all_reduce_sum(flag).item() > 0)
+
+    def close(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,200 @@
+"""Checkpoints and stopping: a stopped or interrupted run continues exactly, failures end the whole job.
+
+- SIGTERM to the launcher: workers finish the step, save, the launcher exits 75; the same command with
+  hydra.run.dir continues and reproduces the uninterrupted run's losses bit for bit (DeepSpeed ZeRO-3).
+- FSDP2: resuming skips an incomplete checkpoint and reproduces the uninterrupted losses bit for bit.
+- A rank killed with SIGKILL ends the job non-zero within a minute with no process left behind.
+The uninterrupted references are the runs of tests/test_backends.py (trained once per session).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from launcher.checkpoint import COMPLETE, complete_checkpoints, config_changes
+from tests.conftest import ROOT, run_launcher
+from tests.test_backends import losses_of, overrides_for, train
+
+
+def _start(*overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "launcher", *overrides, "merge.after_train=false"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, seen: dict[int, psutil.Process],
+                   timeout: float = 600) -> None:
+    """Wait until metrics.jsonl has ``step``, remembering every process the launcher started."""
+    end = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < end:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        try:
+            for p in psutil.Process(proc.pid).children(recursive=True):
+                seen.setdefault(p.pid, p)
+        except psutil.Error:
+            pass
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+def _alive(seen: dict[int, psutil.Process]) -> list[str]:
+    out = []
+    for p in seen.values():
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(" ".join(p.cmdline()))
+        except psutil.Error:
+            pass
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_saves_and_the_same_command_continues_exactly(tmp_path_factory, tmp_path: Path) -> None:
+    ref = train(tmp_path_factory, "zero3", "full")
+    run_dir = tmp_path / "run"
+    overrides = (*overrides_for("zero3", "full"), f"hydra.run.dir={run_dir}")
+    proc = _start(*overrides)
+    seen: dict[int, psutil.Process] = {}
+    _wait_for_step(proc, run_dir, 2, seen)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-3000:]
+    assert "stopped on request" in out and f"hydra.run.dir={run_dir}" in out
+    assert not _alive(seen)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stopped_at = summary["steps"]
+    assert summary["stopped"] and 2 <= stopped_at < 12, summary
+    assert complete_checkpoints(run_dir)[-1].name == f"step-{stopped_at}"
+
+    r = run_launcher(*overrides, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resuming from {run_dir}/checkpoints/step-{stopped_at}" in r.stderr
+    assert losses_of(run_dir) == ref.losses  # bit for bit, before and after the stop
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp_resume_skips_incomplete_checkpoints_and_continues_exactly(tmp_path_factory, tmp_path: Path) -> None:
+    ref = train(tmp_path_factory, "fsdp", "full")
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref.dir, run_dir)
+    # A job killed while saving step 12 (marker missing) and another one's leftover temporary directory.
+    (run_dir / "checkpoints" / "step-12" / COMPLETE).unlink()
+    (run_dir / "checkpoints" / ".tmp-step-9").mkdir()
+    config_before = (run_dir / "config.yaml").read_text()
+    r = run_launcher(*ref.overrides, f"hydra.run.dir={run_dir}", timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resuming from {run_dir}/checkpoints/step-6" in r.stderr
+    assert losses_of(run_dir) == ref.losses
+    assert not (run_dir / "checkpoints" / ".tmp-step-9").exists()
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["step-6", "step-12"]
+    # Only where the run happens changed (the rendezvous port), nothing the training depends on.
+    assert config_changes(_yaml(config_before), _yaml((run_dir / "config.yaml").read_text()))[0] == []
+
+
+def _yaml(text: str) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.create(text))
+
+
+@pytest.mark.slow
+def test_resuming_with_other_training_settings_is_refused(tmp_path_factory, tmp_path: Path) -> None:
+    ref = train(tmp_path_factory, "single", "full")
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref.dir, run_dir)
+    before = (run_dir / "config.yaml").read_text()
+    r = run_launcher(*ref.overrides, "optimizer.lr=0.1", f"hydra.run.dir={run_dir}", timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "optimizer.lr: 0.001 -> 0.1" in r.stderr and "Traceback" not in r.stderr
+    assert (run_dir / "config.yaml").read_text() == before
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("backend", ["fsdp"])  # deepspeed: tests/test_train_integration.py (a raising rank)
+def test_a_killed_rank_ends_the_job(tmp_path: Path, backend: str) -> None:
+    run_dir = tmp_path / "run"
+    proc = _start(f"backend={backend}", "launcher.nproc_per_node=2", "train.max_steps=500", "train.log_every=1",
+                  "dataset.cutoff_len=128", f"hydra.run.dir={run_dir}")
+    seen: dict[int, psutil.Process] = {}
+    _wait_for_step(proc, run_dir, 1, seen)
+    victim = next(p for p in seen.values() if "launcher.train" in " ".join(p.cmdline()))
+    victim.kill()
+    t0 = time.time()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode not in (0, 75), out[-3000:]
+    assert time.time() - t0 < 60, f"took {time.time() - t0:.0f}s to notice"
+    assert "workers failed" in out
+    assert not _alive(seen), _alive(seen)
+
+
+def test_only_complete_checkpoints_count(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    for name, complete in [("step-5", True), ("step-10", True), ("step-15", False), (".tmp-step-20", True),
+                           ("step-x", True)]:
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / COMPLETE).write_text("")
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-5", "step-10"]
+
+
+def test_config_changes_separate_harmless_from_breaking() -> None:
+    old = {"train": {"max_steps": 10, "grad_accum": 2}, "launcher": {"master_port": 1}, "optimizer": {"lr": 1.0}}
+    new = {"train": {"max_steps": 20, "grad_accum": 4}, "launcher": {"master_port": 2}, "optimizer": {"lr": 1.0},
+           "added_later": 1}
+    breaking, harmless = config_changes(old, new)
+    assert breaking == ["train.grad_accum: 2 -> 4"]
+    assert harmless == ["launcher.master_port: 1 -> 2", "train.max_steps: 10 -> 20"]
+
+
+def test_a_checkpoint_of_another_world_size_is_refused(tmp_path: Path) -> None:
+    from launcher.checkpoint import CheckpointError, resume_checkpoint
+    from launcher.config import to_object
+    from tests.test_configs import _compose
+
+    ckpt = tmp_path / "checkpoints" / "step-4"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps(
+        {"step": 4, "micro_batch": 8, "world_size": 4, "backend": "deepspeed", "finetune": "full"}))
+    (ckpt / COMPLETE).write_text("4")
+    cfg = to_object(_compose("backend=deepspeed_zero3"))
+    assert resume_checkpoint(cfg, tmp_path, world_size=4) == ckpt
+    with pytest.raises(CheckpointError, match="written by 4 ranks but this run has 2"):
+        resume_checkpoint(cfg, tmp_path, world_size=2)
+    cfg.resume = "never"
+    assert resume_checkpoint(cfg, tmp_path, world_size=2) is None
+    cfg.resume = str(tmp_path / "checkpoints" / "step-3")
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        resume_checkpoint(cfg, tmp_path, world_size=4)
+
+
+def test_a_stop_signal_is_seen_by_every_rank() -> None:
+    from launcher.backends.single import SingleBackend
+    from launcher.checkpoint import StopRequest
+    from launcher.config import to_object
+    from tests.test_configs import _compose
+
+    backend = SingleBackend(to_object(_compose("backend=single")))
+    stop = StopRequest()
+    try:
+        assert not stop.requested(backend)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.requested(backend)
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
