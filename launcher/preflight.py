@@ -122,23 +122,20 @@ class NodeGroup:
         rank, n, timeout = lc.node_rank, lc.nnodes, float(lc.preflight_timeout)
         names = slurm_node_names()
         port = lc.master_port + 1
-        where = f"{lc.master_addr}:{port}"
         t0 = time.monotonic()
+        if rank != 0:  # quietly, before torch's client (which logs a stack trace per failed try)
+            _wait_for_port(lc.master_addr, port, timeout, rank, names)
         try:
             store = dist.TCPStore(lc.master_addr, port, is_master=rank == 0, wait_for_workers=False,
                                   timeout=timedelta(seconds=timeout))
         except (RuntimeError, OSError) as err:  # DistNetworkError is a RuntimeError
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = _first_line(err)
             if rank == 0:
                 raise PreflightError(
                     f"node 0 ({this_node()}) could not serve the preflight store on port {port} "
                     f"(launcher.master_port + 1): {first}. Another job on this node may use it; pick another "
                     f"launcher.master_port (slurm/train.sh derives it from the job id).") from None
-            head = f"{names[0]} (node rank 0)" if len(names) == n else "node rank 0"
-            raise PreflightError(
-                f"node {this_node()} (node rank {rank}) could not reach {head} at {where} within {timeout:.0f} s: "
-                f"{first}. Either node 0's launcher did not start (look for its error in the job log), or "
-                f"{lc.master_addr} is not an address this node can reach (launcher.master_addr).") from None
+            raise _unreachable(lc.master_addr, port, rank, names, timeout, first) from None
         group = cls(store, rank, n, names, timeout)
 
         resolved = flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
@@ -183,8 +180,8 @@ class NodeGroup:
             if now > deadline:
                 raise PreflightError(
                     f"{', '.join(self.name(r) for r in missing)} did not check in within {self.timeout:.0f} s "
-                    f"(launcher.preflight_timeout). Its launcher did not start, failed before checking in (its "
-                    f"error is in the job log), or cannot reach {me.name} at port launcher.master_port + 1.")
+                    f"(launcher.preflight_timeout): the launcher there did not start, failed before checking in "
+                    f"(its error is in the job log), or cannot reach {me.name} at port launcher.master_port + 1.")
             if now > note:
                 say(f"waiting for {', '.join(self.name(r) for r in missing)} "
                     f"({now - t0:.0f} s of {self.timeout:.0f} s)")
@@ -237,7 +234,7 @@ class NodeGroup:
             dt = time.perf_counter() - t0
             ok = bool(torch.all(t == self.nnodes)) and int(warm.item()) == self.nnodes
         except (RuntimeError, OSError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = _first_line(err)
             raise PreflightError(
                 f"the all-reduce among the node launchers failed on {self.name(self.rank)}: {first}. Every node "
                 f"reached node 0, so the network between two of them is the problem (firewall, or a wrong "
@@ -269,7 +266,7 @@ class NodeGroup:
             self.store.wait([key], timedelta(seconds=timeout))
             return self.store.get(key).decode()
         except (RuntimeError, OSError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = _first_line(err)
             raise PreflightError(f"{self.name(0)} stopped answering during {what} ({first}): its launcher "
                                  f"failed or was killed; its error is in the job log.") from None
 
@@ -299,7 +296,33 @@ def prepare_once(cfg: "Config", nproc: int, run_dir: Path, prepare: Callable[[],
     return group
 
 
-def _read_mark(path: Path, patience: float = 10.0) -> str | None:
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(err).__name__
+
+
+def _unreachable(addr: str, port: int, rank: int, names: list[str], timeout: float, why: str) -> PreflightError:
+    head = f"{names[0]} (node rank 0)" if len(names) > 1 else "node rank 0"
+    return PreflightError(
+        f"node {this_node()} (node rank {rank}) could not reach {head} at {addr}:{port} within {timeout:.0f} s "
+        f"({why}). Either node 0's launcher did not start or failed early (its error is in the job log), or "
+        f"{addr} is not an address this node can reach (launcher.master_addr).")
+
+
+def _wait_for_port(addr: str, port: int, timeout: float, rank: int, names: list[str]) -> None:
+    """Until node 0's store accepts connections: plain TCP connects, retried quietly for ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=2):
+                return
+        except OSError as err:
+            if time.monotonic() > deadline:
+                raise _unreachable(addr, port, rank, names, timeout, _first_line(err)) from None
+            time.sleep(0.2)
+
+
+def _read_mark(path: Path, patience: float = 5.0) -> str | None:
     """The token another node wrote into the run directory; network filesystems may show a new file a few
     seconds late, so look again for a while before calling it missing."""
     deadline = time.monotonic() + patience
@@ -312,16 +335,16 @@ def _read_mark(path: Path, patience: float = 10.0) -> str | None:
             time.sleep(0.5)
 
 
-def check_ranks(rank: int, world_size: int, device: "torch.device") -> str:
+def check_ranks(rank: int, world_size: int, device: "torch.device") -> None:
     """Worker side, right after the process group exists: a timed all-reduce with the real backend (NCCL on GPUs)
-    and the map of ranks to nodes. Returns the line rank 0 prints."""
+    and the map of ranks to nodes, printed by rank 0."""
     import torch
     import torch.distributed as dist
 
     names: list[Any] = [None] * world_size
     dist.all_gather_object(names, this_node())
     t = torch.ones(4 << 20, device=device)  # 16 MiB of float32
-    dist.all_reduce(t[:1])  # warm-up: the first collective sets up the connections
+    dist.all_reduce(torch.ones(1, device=device))  # warm-up: the first collective sets up the connections
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -335,8 +358,9 @@ def check_ranks(rank: int, world_size: int, device: "torch.device") -> str:
     for r, node in enumerate(names):
         by_node.setdefault(str(node), []).append(r)
     ranks = ", ".join(f"{node}: {_ranges(rs)}" for node, rs in by_node.items())
-    return (f"[preflight] {world_size} ranks on {len(by_node)} node(s) [{ranks}]; all-reduce of 16 MiB "
-            f"({dist.get_backend()}): {dt * 1e3:.0f} ms")
+    if rank == 0:
+        print(f"[preflight] {world_size} ranks on {len(by_node)} node(s) [{ranks}]; all-reduce of 16 MiB "
+              f"({dist.get_backend()}): {dt * 1e3:.0f} ms", flush=True)
 
 
 def _ranges(ranks: list[int]) -> str:
