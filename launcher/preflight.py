@@ -157,13 +157,14 @@ class NodeGroup:
             try:
                 verdict = group._verdict(me, marks, t0)
             except PreflightError as err:
-                store.set("verdict", str(err))
+                group._tell("verdict", str(err))
                 raise
             finally:
                 shutil.rmtree(marks, ignore_errors=True)
             store.set("verdict", "ok")
         else:
             answer = group._get("verdict", 2 * timeout + 60, "its checks of all nodes")
+            store.add("verdict/read", 1)
             if answer != "ok":
                 raise PreflightError(f"node 0 found a problem: {answer}")
         group._all_reduce(verdict if rank == 0 else "")
@@ -253,11 +254,24 @@ class NodeGroup:
     # ----------------------------------------------------------------------------------- data preparation
     def prepared(self, error: str | None = None) -> None:
         """Node 0: the run directory holds config.yaml and the data (or preparing failed with ``error``)."""
-        self.store.set("prepared", error or "ok")
+        if error:
+            self._tell("prepared", error)
+        else:
+            self.store.set("prepared", "ok")
+
+    def _tell(self, key: str, error: str) -> None:
+        """Node 0, about to exit with ``error``: publish it and give the other nodes a few seconds to read it
+        before this process (and the store with it) goes away."""
+        self.store.set(key, error)
+        present = sum(self.store.check([f"node/{r}"]) for r in range(1, self.nnodes))
+        deadline = time.monotonic() + 10
+        while int(self.store.add(f"{key}/read", 0)) < present and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def wait_prepared(self) -> None:
         """Other nodes: wait until node 0 has prepared the run; raise if it failed or died meanwhile."""
         answer = self._get("prepared", PREPARE_TIMEOUT_S, "preparing the data and config.yaml")
+        self.store.add("prepared/read", 1)
         if answer != "ok":
             raise PreflightError(f"node 0 could not prepare the run: {answer}")
 
