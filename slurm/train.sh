@@ -12,10 +12,12 @@
 # job keeps, so the requeued job finds its own checkpoints and resumes (resume=auto). It, the data cache
 # (.cache/launcher) and this directory must be on a filesystem that every node sees.
 #
-# Preemption and time limits: Slurm sends USR1 to this script (--signal=B:USR1@300, i.e. 300 s before the time
-# limit; a preempting scheduler can be set up to do the same). The script passes it to the launchers; their
-# workers finish the current step, write a checkpoint and exit with code 75; then the script requeues the job
-# (scontrol requeue), which starts again later and continues from that checkpoint. Try it by hand with
+# Preemption and time limits: Slurm sends USR1 to this script 300 s before the time limit (--signal below). The
+# script passes it to the launchers; their workers finish the current step, write a checkpoint and exit with
+# code 75; then the script requeues the job (scontrol requeue), which starts again later and continues from that
+# checkpoint. SIGTERM (scancel, or preemption with PreemptMode=REQUEUE: give the partition a GraceTime long
+# enough for one step and a checkpoint) makes them save the same way, but then the job ends (scancel) or Slurm
+# requeues it itself (preemption): this script requeues only after USR1. Try it by hand with
 #   scancel --signal=USR1 --batch <job id>
 # Merge the result into a Hugging Face folder with a second job (see slurm/merge.sh and the README):
 #   jid=$(sbatch --parsable slurm/train.sh ...) && sbatch --dependency=afterok:$jid slurm/merge.sh $jid
@@ -73,17 +75,20 @@ log "job $SLURM_JOB_ID (attempt $((${SLURM_RESTART_COUNT:-0} + 1))) on $NNODES n
   "rendezvous $MASTER_ADDR:$MASTER_PORT, run directory $RUN_DIR"
 
 # --- stop requests ------------------------------------------------------------------------------------------
-# srun passes a signal it receives to every process of its tasks on every node. The launcher asks its workers
-# to finish the step and save; the deepspeed/accelerate launchers in between ignore it (launcher/__main__.py).
+# USR1 (--signal=B:..., scancel --signal=USR1 --batch) reaches only this script: pass it to srun, which passes it
+# to every process of its tasks on every node. The launchers ask their workers to finish the step and save; the
+# deepspeed/accelerate launchers in between ignore it (launcher/__main__.py).
+# SIGTERM (scancel, preemption, time limit) reaches every process of the job at once, srun and the launchers
+# included, so it is only noted here; Slurm sends SIGKILL KillWait seconds later (30 by default).
 stop=""
 srun_pid=""
-on_signal() {
-  stop=$1
-  log "received SIG$1: asking the launchers to checkpoint and stop"
-  [[ -n $srun_pid ]] && kill -s "$1" "$srun_pid" 2>/dev/null
+on_usr1() {
+  stop=USR1
+  log "received SIGUSR1: asking the launchers to checkpoint and stop"
+  [[ -n $srun_pid ]] && kill -s USR1 "$srun_pid" 2>/dev/null
 }
-trap 'on_signal USR1' USR1
-trap 'on_signal TERM' TERM
+trap on_usr1 USR1
+trap 'stop=TERM; log "received SIGTERM: the launchers checkpoint and stop; the job then ends"' TERM
 
 # --- run: one launcher per node -----------------------------------------------------------------------------
 # --ntasks/--ntasks-per-node again, because a job submitted with --ntasks-per-node=N>1 would otherwise start N
@@ -92,7 +97,7 @@ trap 'on_signal TERM' TERM
 srun --ntasks="$NNODES" --ntasks-per-node=1 --label --kill-on-bad-exit=0 \
   "$PYTHON" -m launcher "${args[@]}" "$@" &
 srun_pid=$!
-[[ -n $stop ]] && kill -s "$stop" "$srun_pid" 2>/dev/null # a signal that came before srun started
+[[ $stop == USR1 ]] && kill -s USR1 "$srun_pid" 2>/dev/null # USR1 that came before srun started
 # A trapped signal interrupts `wait`; keep waiting until srun itself has ended, then collect its exit code.
 while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; done
 wait "$srun_pid"
@@ -100,7 +105,13 @@ rc=$?
 
 # --- requeue or finish --------------------------------------------------------------------------------------
 STOPPED=75 # the launcher's exit code after its workers saved a checkpoint on request (launcher/checkpoint.py)
-if ((rc == STOPPED)) || [[ -n $stop && $rc != 0 ]]; then
+state=$(scontrol -o show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*' || true)
+if [[ $rc != 0 && ($stop == TERM || $state != JobState=RUNNING) ]]; then
+  # SIGTERM means scancel (or a preemption that requeues the job itself): the job must end, never come back.
+  log "stopped by SIG${stop:-TERM} (${state:-JobState unknown}): not requeueing; exit code $rc"
+  exit "$rc"
+fi
+if ((rc == STOPPED)) || [[ $stop == USR1 && $rc != 0 ]]; then
   log "launchers stopped (exit code $rc): requeueing job $SLURM_JOB_ID; it will resume from $RUN_DIR/checkpoints"
   # Requeueing ends this attempt at once (SIGTERM to this script), so it comes last, after the checkpoint.
   trap - TERM USR1

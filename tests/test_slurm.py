@@ -173,6 +173,45 @@ def test_two_node_zero3_job_trains(reference: Job) -> None:
     assert len(shards) == NODES, "ZeRO-3 writes one optimizer shard per rank"
 
 
+def test_two_node_fsdp_job_trains(jobs, reference, tmp_path_factory) -> None:
+    """backend=fsdp: each node's launcher runs `accelerate launch --num_machines 2 --machine_rank R`."""
+    tmp = tmp_path_factory.mktemp("slurm-fsdp")
+    overrides = [o for o in OVERRIDES if not o.startswith(("backend=", "train.max_steps="))]
+    job = submit(tmp, "slurm/train.sh", "backend=fsdp", "train.max_steps=2", *overrides,
+                 sbatch=(f"--nodes={NODES}", "--job-name=fsdp"), run_dir=tmp / "run")
+    jobs.append(job)
+    s, log = job.wait_done(time.monotonic() + JOB_DEADLINE_S), job.text()
+    if s.get("JobState") != "COMPLETED" or s.get("ExitCode") != "0:0":
+        job.fail("did not complete with exit code 0")
+    for rank in range(NODES):
+        assert re.search(rf"^{rank}: \[launcher\] starting .*accelerate launch .*--num_machines {NODES} "
+                         rf"--machine_rank {rank} --main_process_ip n1 ", log, re.M), log
+    summary = json.loads((job.run_dir / "summary.json").read_text())
+    assert summary["world_size"] == NODES and summary["steps"] == 2, summary
+    # the first two steps see the same data and weights as the ZeRO-3 run: same losses up to summation order
+    assert losses(job.run_dir) == pytest.approx({k: v for k, v in losses(reference.run_dir).items() if k <= 2},
+                                                rel=1e-4)
+
+
+def test_scancel_cancels_and_is_not_requeued(jobs, tmp_path_factory) -> None:
+    """SIGTERM (scancel) also makes the launcher save, but the job must end: only USR1 requeues. One node,
+    backend=single (the cheapest real job: the launcher trains in-process)."""
+    tmp = tmp_path_factory.mktemp("slurm-scancel")
+    job = submit(tmp, "slurm/train.sh", "backend=single", "train.max_steps=500", "train.log_every=1",
+                 sbatch=("--nodes=1", "--job-name=cancel"), run_dir=tmp / "run")
+    jobs.append(job)
+    deadline = time.monotonic() + JOB_DEADLINE_S
+    metrics = job.run_dir / "metrics.jsonl"
+    job.wait_until(lambda: metrics.is_file() and max(losses(job.run_dir), default=0) >= 1, "step 1", deadline)
+    subprocess.run(["scancel", str(job.id)], check=True, timeout=30)
+    s = job.wait_done(deadline)
+    time.sleep(8)  # past cred_expire (5 s): a requeued job would be PENDING or RUNNING again by now
+    s = job.state()
+    log = job.text()
+    assert s.get("JobState") == "CANCELLED" and s.get("Restarts") == "0", (s, log)
+    assert "received SIGTERM" in log and "not requeueing" in log and "saved at step" in log and "requeueing job" not in log, log
+
+
 @pytest.fixture(scope="module")
 def requeued(jobs, reference, tmp_path_factory) -> tuple[Job, Job]:
     """The same run, sent USR1 after step 2 (as Slurm does before a time limit), plus a merge job waiting for it."""
