@@ -64,6 +64,8 @@ args=(
   'launcher.node_rank=${oc.env:SLURM_NODEID}'
   "launcher.master_addr=$MASTER_ADDR"
   "launcher.master_port=$MASTER_PORT"
+  # Merging is a job of its own (slurm/merge.sh): it needs one CPU node, not the whole allocation.
+  "merge.after_train=false"
 )
 # Workers per node = GPUs per node of the allocation (--gpus-per-node / --gres=gpu:N). Without GPUs the launcher
 # picks its CPU default; launcher.nproc_per_node=N on the command line decides in either case.
