@@ -76,8 +76,22 @@ def worker_command(cfg: Config, nproc: int) -> list[str]:
            lc.master_addr, "--master_port", str(lc.master_port), "--no_local_rank", "--log_level", "warning"]
     if lc.nnodes > 1:
         # Each node's launcher starts only its own workers: no ssh/pdsh between nodes.
-        cmd += ["--no_ssh", "--num_nodes", str(lc.nnodes), "--node_rank", str(lc.node_rank)]
+        cmd += ["--hostfile", str(deepspeed_hostfile(cfg, nproc)), "--no_ssh", "--num_nodes", str(lc.nnodes),
+                "--node_rank", str(lc.node_rank)]
     return cmd + ["--module", "launcher.train", cfg.run_dir]
+
+
+def deepspeed_hostfile(cfg: Config, nproc: int) -> Path:
+    """The hostfile `deepspeed --no_ssh` insists on for more than one node (without one it refuses with "Num nodes
+    is >1 but no extra nodes available via hostfile"). With --no_ssh it only counts nodes and slots: the names are
+    never contacted (rendezvous is master_addr:master_port), so placeholders do. Every node writes the same file."""
+    path = Path(cfg.run_dir) / "deepspeed_hostfile"
+    text = "".join(f"node{i} slots={nproc}\n" for i in range(cfg.launcher.nnodes))
+    if not path.is_file() or path.read_text() != text:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return path
 
 
 def worker_env(cfg: Config, nproc: int) -> dict[str, str]:
@@ -325,7 +339,11 @@ def run(dcfg: DictConfig) -> int:
         print(shlex.join(worker_command(cfg, nproc)))
         return 0
     quiet_libraries()
-    prepare_run(cfg, run_dir, nproc * cfg.launcher.nnodes)
+    from launcher.preflight import prepare_once
+
+    # Multi-node: the nodes meet and check each other first, then node 0 alone prepares the shared run directory.
+    nodes = prepare_once(cfg, nproc, run_dir,  # noqa: F841 (kept alive)
+                         lambda: prepare_run(cfg, run_dir, nproc * cfg.launcher.nnodes))
     cmd = worker_command(cfg, nproc)
     say(f"starting {nproc} worker(s) per node × {cfg.launcher.nnodes} node(s): {shlex.join(cmd)}")
     if cfg.backend.name == "single":
@@ -357,6 +375,7 @@ def run(dcfg: DictConfig) -> int:
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     from launcher.data import DataError
+    from launcher.preflight import PreflightError
     from launcher.templates import TemplateError
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -366,7 +385,12 @@ def main(dcfg: DictConfig) -> None:
     except (ConfigError, DataError, TemplateError) as err:
         say(f"error: {err}")
         rc = 2
-    if fresh and (rc == 2 or dcfg.get("dry_run")):
+    except PreflightError as err:
+        say(f"preflight failed: {err}")
+        rc = 3
+    # Only node 0 may tidy up: the other nodes of a multi-node run share its run directory.
+    node0 = OmegaConf.select(dcfg, "launcher.node_rank", default=0, throw_on_resolution_failure=False) in (0, None)
+    if fresh and node0 and (rc == 2 or dcfg.get("dry_run")):
         shutil.rmtree(run_dir, ignore_errors=True)  # a rejected or dry run leaves no half-made run directory
         out_root = Path(dcfg.output_dir).resolve()
         for parent in run_dir.resolve().parents:  # nor the empty outputs/<name>/ folders above it

@@ -161,8 +161,11 @@ class LauncherConfig:
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
-    master_port: Optional[int] = None  # None: a free port on one node; multi-node runs must set it
+    # None: a free port on one node. Multi-node runs must set it; they also use master_port + 1 (preflight).
+    master_port: Optional[int] = None
     omp_num_threads: Optional[int] = None  # None: cores / workers on CPU (at least 1)
+    # Multi-node: seconds node 0 waits for every node's launcher to check in (launcher/preflight.py).
+    preflight_timeout: int = 300
 
 
 @dataclass
@@ -315,6 +318,8 @@ def validate(cfg: Config) -> None:
     if cfg.launcher.nnodes > 1 and cfg.launcher.master_port is None:
         e.append("launcher.master_port is unset for a multi-node run: every node must use the same port "
                  "(slurm/train.sh derives one from the job id).")
+    if cfg.launcher.preflight_timeout < 1:
+        e.append(f"launcher.preflight_timeout={cfg.launcher.preflight_timeout} must be at least 1 second.")
     if not 0 <= cfg.launcher.node_rank < max(cfg.launcher.nnodes, 1):
         e.append(f"launcher.node_rank={cfg.launcher.node_rank} must be below launcher.nnodes={cfg.launcher.nnodes}.")
     if "{{content}}" not in cfg.template.user or "{{content}}" not in cfg.template.assistant:
