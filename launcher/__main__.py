@@ -138,7 +138,10 @@ def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
     tokenizer = load_tokenizer(cfg.model)
     tok_dir = resolve_path(cfg.model.name_or_path)
     t0 = time.time()
-    data_path, stats, hit = prepare(cfg.dataset, cfg.template, tokenizer, tok_dir, cfg.train.seed)
+    from launcher.metrics import library_progress
+
+    with library_progress(cfg.logger.progress, cfg.logger.progress_every_s, cfg.launcher.node_rank == 0):
+        data_path, stats, hit = prepare(cfg.dataset, cfg.template, tokenizer, tok_dir, cfg.train.seed)
     plan = load_plan(plan_path(data_path, "train"))
     say(f"data: {stats.used} records for training, {stats.eval_records} held out, "
         f"{stats.dropped_errors} dropped for errors, {stats.dropped_overlong} dropped for length, "
@@ -151,6 +154,15 @@ def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
 
     say(f"data report (statistics, samples with trained tokens marked): "
         f"{write_report(run_dir, data_path, stats, tokenizer, cfg.dataset.cutoff_len)}")
+    if cfg.eval.datasets:  # a validation dataset: prepared like training data, its "train" split is the eval set
+        from dataclasses import replace
+
+        eval_cfg = replace(cfg.dataset, names=list(cfg.eval.datasets), val_size=0.0, max_samples=cfg.eval.max_samples)
+        with library_progress(cfg.logger.progress, cfg.logger.progress_every_s, cfg.launcher.node_rank == 0):
+            eval_path, estats, _ = prepare(eval_cfg, cfg.template, tokenizer, tok_dir, cfg.train.seed)
+        say(f"eval data: {estats.used} records of {', '.join(cfg.eval.datasets)}, {estats.tokens:,} tokens "
+            f"({estats.supervised_tokens:,} supervised): {eval_path}")
+        cfg.eval_data_path = str(eval_path)
     cfg.data_path = str(data_path)
     cfg.run_dir = str(run_dir)
     write_run_config(cfg, run_dir)
@@ -316,11 +328,15 @@ def print_summary(run_dir: Path) -> None:
     if s["first_loss"] is None:  # resumed a run that had finished already
         say(f"nothing to do: the run had finished all {s['steps']} steps")
     else:
-        say(f"done: {s['steps']} steps, {s['tokens']:,} tokens ({s['supervised_tokens']:,} supervised), "
-            f"{s['train_seconds']}s training, loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}")
+        from launcher.metrics import format_summary
+
+        for line in format_summary(s):
+            say(line)
     if "padding_fraction" in s:
         say(f"padding: {s['padding_fraction']:.1%} of the token slots trained on were padding")
     say(f"checkpoint: {s['checkpoint']}")
+    if s.get("loss_plot"):
+        say(f"loss curve: {s['loss_plot']}")
     say(f"run directory: {run_dir}")
 
 
@@ -334,6 +350,11 @@ def run(dcfg: DictConfig) -> int:
     if cfg.launcher.master_port is None:
         cfg.launcher.master_port = free_port()
     cfg.launcher.nproc_per_node = nproc  # workers check they formed a world of this size × nnodes
+    memory_plan = None
+    if cfg.planner.enabled:  # before anything is prepared: a job that cannot fit stops here
+        from launcher.planner import check_memory
+
+        memory_plan = check_memory(cfg, nproc, say, refuse=not cfg.dry_run)
     if cfg.dry_run:
         cfg.run_dir = str(run_dir)
         print(shlex.join(worker_command(cfg, nproc)))
@@ -344,6 +365,8 @@ def run(dcfg: DictConfig) -> int:
     # Multi-node: the nodes meet and check each other first, then node 0 alone prepares the shared run directory.
     nodes = prepare_once(cfg, nproc, run_dir,  # noqa: F841 (kept alive)
                          lambda: prepare_run(cfg, run_dir, nproc * cfg.launcher.nnodes))
+    if memory_plan is not None and cfg.launcher.node_rank == 0:
+        (run_dir / "memory_plan.json").write_text(json.dumps(memory_plan, indent=1))
     cmd = worker_command(cfg, nproc)
     say(f"starting {nproc} worker(s) per node × {cfg.launcher.nnodes} node(s): {shlex.join(cmd)}")
     if cfg.backend.name == "single":

@@ -126,7 +126,8 @@ def resume_checkpoint(cfg: Config, run_dir: Path, world_size: int) -> Path | Non
 # Config values a resumed run may change: where/how it runs and how long, not what or how it learns.
 _MAY_CHANGE = ("launcher.", "merge.", "train.max_steps", "train.epochs", "train.save_steps",
                "train.save_total_limit", "train.log_every", "resume", "dry_run", "output_dir", "name",
-               "dataset.num_proc", "dataset.cache_dir", "backend.timeout_minutes")
+               "dataset.num_proc", "dataset.cache_dir", "backend.timeout_minutes",
+               "logger.", "planner.", "eval.", "eval_data_path")  # monitoring never changes the training math
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:

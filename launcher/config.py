@@ -195,6 +195,60 @@ class MergeConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases: one run per job, created by global rank 0 with the composed config.
+
+    A W&B failure (no network, no API key, a full disk) is warned about once and never stops training."""
+
+    enabled: bool = False
+    project: str = "launcher"
+    entity: Optional[str] = None  # team or user; None: your default entity
+    name: Optional[str] = None  # None: the job name and the run directory's timestamp
+    tags: list[str] = field(default_factory=list)
+    mode: str = "online"  # "online" (sync while training) or "offline" (files only; `wandb sync` them later)
+    # Seconds wandb.init may take before the run goes on without W&B (offline init takes well under 1 s).
+    init_timeout: float = 30.0
+
+
+@dataclass
+class LoggerConfig:
+    """What rank 0 shows and records while training (metrics.jsonl is always written)."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # "auto": a progress bar when stdout is a terminal, plain periodic lines otherwise (Slurm logs);
+    # "bar" or "lines" to force one of them.
+    progress: str = "auto"
+    # Seconds between plain progress lines during data preparation (lines mode only).
+    progress_every_s: float = 30.0
+    # Peak dense bf16 FLOP/s of one device, for MFU; None: looked up from the GPU's name (launcher/metrics.py).
+    peak_flops: Optional[float] = None
+    plot: bool = True  # write loss.png (train and eval loss) into the run directory at the end
+
+
+@dataclass
+class EvalConfig:
+    """Held-out loss: same masking and normalisation as training (Σ token losses / supervised tokens over the
+    whole eval set, across ranks). Eval data comes from `dataset.val_size` or from `eval.datasets`."""
+
+    steps: int = 0  # evaluate every N optimizer steps; 0: only once at the end (when there is eval data)
+    # dataset_info.json entries (in dataset.dir) used as the validation set, instead of dataset.val_size.
+    datasets: list[str] = field(default_factory=list)
+    max_samples: Optional[int] = None  # per validation dataset, from the start of each file
+    micro_batch_size: Optional[int] = None  # rows per rank per eval forward; None: train.micro_batch_size
+
+
+@dataclass
+class PlannerConfig:
+    """The memory planner that runs before any worker starts (launcher/planner.py)."""
+
+    enabled: bool = True
+    force: bool = False  # start even when the estimate exceeds the detected memory
+    # Fraction of each device's memory the job may plan to use; the rest covers the allocator's fragmentation
+    # and what the estimate does not model (CUDA context, communication buffers).
+    usable_fraction: float = 0.9
+
+
+@dataclass
 class Config:
     """The whole job. `python -m launcher --cfg job` prints the composed form."""
 
@@ -207,11 +261,15 @@ class Config:
     train: TrainerConfig = field(default_factory=TrainerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
     name: str = "default"
     output_dir: str = "outputs"
     # Filled by the launcher: the run directory and the prepared data the workers read.
     run_dir: str = ""
     data_path: str = ""
+    eval_data_path: str = ""  # prepared validation data (eval.datasets); empty: <data_path>/eval if any
     dry_run: bool = False
     # "auto": continue from the newest complete checkpoint in the run directory (pass hydra.run.dir=<run dir>),
     # "never": start from step 0, or the path of one checkpoints/step-N directory to continue from.
@@ -325,6 +383,7 @@ def validate(cfg: Config) -> None:
     if "{{content}}" not in cfg.template.user or "{{content}}" not in cfg.template.assistant:
         e.append(f"template {cfg.template.name!r}: the user and assistant slots must contain {{{{content}}}}.")
     e += validate_merge(cfg.merge)
+    _validate_monitoring(cfg, e)
     if e:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(e))
 
@@ -347,3 +406,25 @@ def validate_merge(m: MergeConfig) -> list[str]:
         e.append(f"merge.ask={m.ask!r} does not exist: name a JSON file of held-out records, an entry of "
                  f"dataset_info.json, or merge.ask=''.")
     return e
+
+
+def _validate_monitoring(cfg: Config, e: list[str]) -> None:
+    """Checks for the logger, eval and planner groups."""
+    _choice(e, "logger.wandb.mode", cfg.logger.wandb.mode, ("online", "offline"))
+    _choice(e, "logger.progress", cfg.logger.progress, ("auto", "bar", "lines"))
+    if cfg.logger.peak_flops is not None and cfg.logger.peak_flops <= 0:
+        e.append(f"logger.peak_flops={cfg.logger.peak_flops} must be positive (FLOP/s of one device, e.g. 989e12).")
+    if cfg.logger.wandb.init_timeout <= 0:
+        e.append(f"logger.wandb.init_timeout={cfg.logger.wandb.init_timeout} must be positive seconds.")
+    if cfg.eval.steps < 0:
+        e.append(f"eval.steps={cfg.eval.steps} is negative: use 0 (evaluate at the end) or N (every N steps).")
+    if cfg.eval.micro_batch_size is not None and cfg.eval.micro_batch_size < 1:
+        e.append(f"eval.micro_batch_size={cfg.eval.micro_batch_size} must be at least 1 (or null).")
+    if cfg.eval.datasets and cfg.dataset.val_size:
+        e.append(f"eval.datasets={list(cfg.eval.datasets)} and dataset.val_size={cfg.dataset.val_size} are both "
+                 f"set: use one validation source (dataset.val_size=0 to keep every training record).")
+    if cfg.eval.steps and not cfg.eval.datasets and not cfg.dataset.val_size:
+        e.append(f"eval.steps={cfg.eval.steps} but there is no eval data: set dataset.val_size=0.05 (hold out 5% "
+                 f"of the records) or eval.datasets=[NAME] (an entry of dataset_info.json).")
+    if not 0 < cfg.planner.usable_fraction <= 1:
+        e.append(f"planner.usable_fraction={cfg.planner.usable_fraction} must be in (0, 1].")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from launcher.backends import Backend, make_backend
 from launcher.checkpoint import StopRequest, complete_checkpoints, resume, save_checkpoint
 from launcher.config import Config, load_run_config
+from launcher.evaluate import Evaluator
 from launcher.metrics import MetricsLogger
 from launcher.model import apply_finetune, load_model, load_tokenizer
 from launcher.packing import (ISOLATING_ATTENTION, LEAK_TOLERANCE, RowLoader, RowPlan, isolation_leak, load_plan,
@@ -159,21 +160,30 @@ def run(run_dir: str | Path) -> dict:
     check_world(cfg, backend)
     loader, total_steps = build_loader(cfg, backend)
     rss_before_model = host_memory_mb()
+    pad_id = load_tokenizer(cfg.model).pad_token_id
+    metrics = MetricsLogger(cfg, run_dir, backend, total_steps, pad_id)  # its host baseline: before the model
+    evaluator = Evaluator.from_config(cfg, backend.rank, backend.world_size, pad_id)
     model = backend.build(partial(build_model, cfg), total_steps)
     model.train()
     if cfg.dataset.packing:
         refuse_leaking_packing(model, cfg, len(load_tokenizer(cfg.model)), backend)
     state = resume(backend, run_dir, cfg)
 
-    metrics = MetricsLogger(run_dir, backend.rank, total_steps, cfg.train.log_every)
+    metrics.start(model)
     stream = micro_batches(loader, state.micro_batch)
     gas, every = cfg.train.grad_accum, cfg.train.save_steps
     stopped, ckpt, slots = False, None, 0.0
     while state.step < total_steps and not stopped:
-        step_metrics = train_step(model, backend, [next(stream) for _ in range(gas)])
+        t0 = time.time()
+        batches = [next(stream) for _ in range(gas)]
+        data_time = time.time() - t0
+        step_metrics = train_step(model, backend, batches)
         slots += step_metrics.pop("slots")
-        metrics.log_step(state.step + 1, step_metrics)
+        metrics.log_step(state.step + 1, step_metrics, batches=batches, data_time=data_time)
         state.step, state.micro_batch = state.step + 1, state.micro_batch + gas
+        if evaluator and ((cfg.eval.steps and state.step % cfg.eval.steps == 0) or state.step == total_steps):
+            metrics.log_eval(state.step, evaluator.run(model, token_loss_sum, backend.all_reduce_sum, backend.device,
+                                                       backend.autocast()))
         stopped = stop.requested(backend)
         if stopped or state.step == total_steps or (every and state.step % every == 0):
             ckpt = save_checkpoint(backend, model, run_dir, state, cfg.train.save_total_limit)

@@ -1,0 +1,91 @@
+"""Held-out evaluation: the loss over the whole eval set, with the training loss's masking and normalisation.
+
+The eval loss is Σ token losses / supervised tokens over every eval row on every rank (one reduction at the end),
+so it does not depend on world size, micro-batch size or packing, exactly like the training loss. Rows are dealt
+round-robin to ranks; a rank that runs out does a forward on a placeholder batch whose loss is discarded, because
+sharded backends (ZeRO-3, FSDP) need every rank in every forward.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from launcher.packing import collate, load_plan, plan_path, varlen_attention
+from launcher.templates import IGNORE_INDEX
+
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def eval_source(cfg: Any) -> tuple[Path, str] | None:
+    """(prepared directory, split) of the eval data: a validation dataset if one was prepared, else the
+    ``dataset.val_size`` hold-out; None when there is no eval data."""
+    if cfg.eval_data_path:
+        base, split = Path(cfg.eval_data_path), "train"
+    elif cfg.data_path:
+        base, split = Path(cfg.data_path), "eval"
+    else:
+        return None
+    return (base, split) if plan_path(base, split).is_file() else None
+
+
+class Evaluator:
+    """Evaluates a model on the prepared eval rows; every rank calls :meth:`run` together."""
+
+    def __init__(self, base: Path, split: str, micro_batch_size: int, rank: int, world_size: int, pad_id: int,
+                 flatten: bool = False):
+        import datasets
+
+        self.ds = datasets.load_from_disk(str(base / split))
+        plan = load_plan(plan_path(base, split))
+        rows = [plan.row(r).tolist() for r in range(len(plan))]
+        chunks = [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+        self.mine = chunks[rank::world_size]
+        self.forwards = math.ceil(len(chunks) / world_size)  # the same on every rank
+        self.placeholder = chunks[0]
+        self.pad_id, self.flatten = pad_id, flatten
+        self.n_rows = len(rows)
+
+    @classmethod
+    def from_config(cls, cfg: Any, rank: int, world_size: int, pad_id: int) -> "Evaluator | None":
+        src = eval_source(cfg)
+        if src is None:
+            return None
+        return cls(*src, cfg.eval.micro_batch_size or cfg.train.micro_batch_size, rank, world_size, pad_id,
+                   flatten=varlen_attention(cfg.model.attn_implementation))
+
+    @torch.no_grad()
+    def run(self, model: torch.nn.Module, loss_fn: LossFn, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+            device: torch.device, autocast: AbstractContextManager | None = None) -> dict[str, float]:
+        """{loss, supervised_tokens, tokens, seconds}; the model is put back into training mode afterwards."""
+        t0 = time.time()
+        model.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # Σ token losses, supervised, tokens
+        try:
+            for i in range(self.forwards):
+                real = i < len(self.mine)
+                chunk = self.mine[i] if real else self.placeholder
+                batch = {k: v.to(device) for k, v in self._collate(chunk).items()}
+                with autocast or nullcontext():
+                    loss_sum = loss_fn(model, batch)
+                if real:
+                    totals += torch.stack([loss_sum.detach().double(),
+                                           (batch["labels"] != IGNORE_INDEX).sum().double(),
+                                           batch["num_tokens"].double()])
+        finally:
+            model.train()
+        loss_sum, sup, tok = all_reduce_sum(totals).tolist()
+        return {"loss": loss_sum / max(sup, 1.0), "supervised_tokens": int(sup), "tokens": int(tok),
+                "seconds": time.time() - t0}
+
+    def _collate(self, chunk: list[list[int]]) -> dict[str, torch.Tensor]:
+        """One micro-batch of packed rows (one Arrow read), as the training loader builds it."""
+        flat = [i for row in chunk for i in row]
+        cols = self.ds[flat]
+        recs = iter({"input_ids": i, "labels": lab} for i, lab in zip(cols["input_ids"], cols["labels"]))
+        return collate([[next(recs) for _ in row] for row in chunk], self.pad_id, flatten=self.flatten)

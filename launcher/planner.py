@@ -1,0 +1,337 @@
+"""Memory planner: before any worker starts, estimate what one device will hold and refuse a job that cannot fit.
+
+Parameter counts come from the model's ``config.json``: the architecture is built on the meta device (no weights
+are read or allocated) and LoRA is attached by the same code the workers use, so total (Ψ) and trainable (Φ)
+counts are exact. Below, W is the data-parallel world size, ``b`` the bytes of the compute dtype (2 for bf16,
+4 for float32), ``T = micro_batch_size × cutoff_len`` the tokens of one micro-batch, ``h`` the hidden size, ``i``
+the MLP width, ``V`` the vocabulary and ``L`` the number of layers.
+
+Model states per device (AdamW keeps two float32 moments):
+
+=====================  ==========  ===========  ============  ===================================================
+strategy               parameters  gradients    optimizer     notes
+=====================  ==========  ===========  ============  ===================================================
+single (plain torch)   4Ψ          4Φ           8Φ            float32 masters; bf16 autocast caches a 2-byte copy
+                                                              of the trainable matmul weights (+2Φ_linear)
+DeepSpeed ZeRO-0/1/2   bΨ          bΦ (/W ≥2)   16Φ (/W ≥1)   float32 master, float32 gradient partition, moments
+DeepSpeed ZeRO-3       bΨ/W        bΦ/W         16Φ/W         + gathered parameters: b·min(Ψ, max_live)·(W-1)/W
+FSDP2 (full shard)     4Ψ/W        4Φ/W         8Φ/W          + two unsharded layers in b bytes (not yet measured)
+=====================  ==========  ===========  ============  ===================================================
+
+DeepSpeed keeps its float32 master partition even when training in float32. ``offload_optimizer`` moves the
+optimizer column to host memory, ``offload_param`` the parameter shard. On CPU, DeepSpeed's shared-memory
+all-reduce maps a 66 MiB buffer per rank into every rank (``buffers``). AdamW's step allocates about 4Φ/W of
+temporaries (foreach sqrt) after backward has freed the activations, so the total counts the larger of the two.
+
+Activations of one micro-batch (saved for backward; bytes per token), counted with autograd's saved-tensor hooks
+on transformers' Llama (q/k/v after RoPE with GQA heads repeated, norm outputs, attention output and its reshape,
+the residual, SwiGLU's gate, up, activation and product):
+
+* per layer ``b·(9h + 4i) + 4h`` (float32) or ``+ 16h`` (bf16: RMSNorm's float32 copies of its input), plus sdpa's
+  per-layer copy of the packed rows' block-diagonal mask (``b · cutoff_len``) or, for eager attention, the softmax
+  probabilities (``(4 + b) · heads · cutoff_len``);
+* with gradient checkpointing each layer keeps only its input (``b·h``) and one layer is recomputed at a time;
+* the head keeps ``3bh`` and the log-softmax of the logits (``4V``).
+
+On top of them, backward peaks at the larger of the loss's gradients (``8V``, ``+bV`` in bf16) and one layer's
+activation gradients (twice that with checkpointing: recomputation and its gradients).
+
+Accuracy: ``bench/planner_accuracy.py`` (numbers in BENCHMARKS.md) and tests/test_planner.py train a few steps on
+CPU and compare with the measured peak (resident-set high-water mark during training minus the resident set before
+the model was built, with a fixed glibc mmap threshold so RSS follows live tensors). Measured: the estimate is
+0.97-1.19× the peak (tiny and a 56M-parameter Llama; single process, LoRA, checkpointing, 2-rank ZeRO-3); the
+tests accept 0.8-1.35×. Not modelled: allocator fragmentation and the CUDA context (``planner.usable_fraction``
+and a fixed per-process overhead cover them), NCCL buffers, MoE routing, sliding-window savings, and a loss that
+chunks the logits (the estimate then overstates the ``V`` terms).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from launcher.config import Config, ConfigError, resolve_path
+
+GIB = 1024**3
+# What a process holds besides the model and its activations: the CUDA context and NCCL buffers on a GPU, or
+# the interpreter with torch, transformers and DeepSpeed imported on a CPU worker (measured: ~0.6-0.9 GiB).
+GPU_PROCESS_OVERHEAD = 1.0 * GIB
+CPU_PROCESS_OVERHEAD = 0.8 * GIB
+DS_SHM_BUFFER = 66 * 2**20  # deepspeed/ops/csrc/cpu/comm/shm.cpp: 2 × 1 MiB + 2 × 32 MiB per rank
+
+
+@dataclass
+class ModelShape:
+    """What the estimate needs from the architecture."""
+
+    params: int  # Ψ, unique parameters (tied embeddings counted once)
+    trainable: int  # Φ
+    trainable_matmul: int  # trainable weights of nn.Linear layers (what bf16 autocast caches)
+    frozen_body_matmul: int  # frozen nn.Linear weights except the output head (what QLoRA stores in 4 bits)
+    largest_layer: int  # parameters of the largest decoder layer
+    layer_params: int  # parameters of all decoder layers (the rest: embeddings, head, final norm)
+    layers: int
+    hidden: int
+    kv_dim: int
+    intermediate: int
+    vocab: int
+    heads: int
+
+
+@dataclass
+class Plan:
+    """Per-device estimate in bytes (device = one GPU, or one worker process on a CPU host)."""
+
+    strategy: str
+    world_size: int
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    activations_other: float  # the same with gradient checkpointing toggled, for the suggestion
+    transient: float
+    step_temp: float = 0.0  # the optimizer step's temporaries (AdamW's foreach sqrt), after backward
+    buffers: float = 0.0  # communication buffers the backend allocates outside the model states
+    tokens: int = 0  # tokens of one micro-batch
+    host_offload: float = 0.0  # per rank, in host memory
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        # Activations exist during forward/backward, the optimizer's temporaries only after them.
+        return self.parameters + self.gradients + self.optimizer + self.buffers + max(
+            self.activations + self.transient, self.step_temp)
+
+
+def load_shape(cfg: Config) -> ModelShape:
+    """Build the configured model on the meta device (no weights) and count what the plan needs."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from launcher.model import apply_finetune, model_dir
+
+    where = resolve_path(cfg.model.name_or_path) if cfg.model.init == "random" else model_dir(cfg.model)
+    hf = AutoConfig.from_pretrained(where, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # library deprecation notices are not the planner's to show
+        model = AutoModelForCausalLM.from_config(hf, trust_remote_code=cfg.model.trust_remote_code)
+        model = apply_finetune(model, cfg.finetune)
+    params = {id(p): p for p in model.parameters()}.values()
+    linear = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    head = getattr(model, "get_base_model", lambda: model)().get_output_embeddings()
+    head_id = id(head.weight) if head is not None else None
+    text = getattr(hf, "text_config", None) or hf
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    blocks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in max(blocks, key=len)] if blocks else [0]
+    return ModelShape(
+        params=sum(p.numel() for p in params), trainable=sum(p.numel() for p in params if p.requires_grad),
+        trainable_matmul=sum(w.numel() for w in linear.values() if w.requires_grad),
+        frozen_body_matmul=sum(w.numel() for k, w in linear.items() if not w.requires_grad and k != head_id),
+        largest_layer=max(per_layer), layer_params=sum(per_layer),
+        layers=text.num_hidden_layers, hidden=text.hidden_size,
+        kv_dim=getattr(text, "num_key_value_heads", heads) * head_dim,
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), vocab=text.vocab_size, heads=heads)
+
+
+def _ds_settings(cfg: Config) -> dict[str, Any]:
+    ds = json.loads(resolve_path(cfg.backend.ds_config or "").read_text())
+    z = ds.get("zero_optimization", {})
+    num = lambda v, d: v if isinstance(v, (int, float)) else d  # noqa: E731 - "auto" values: DeepSpeed's default
+    return {
+        "stage": int(z.get("stage", 0)),
+        "offload_optimizer": (z.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme"),
+        "offload_param": (z.get("offload_param") or {}).get("device", "none") in ("cpu", "nvme"),
+        "max_live": num(z.get("stage3_max_live_parameters"), 1e9),
+        "reduce_bucket": num(z.get("reduce_bucket_size"), 5e8),
+    }
+
+
+def layer_bytes(s: ModelShape, row_len: int, b: int, attn: str) -> float:
+    """Activations one decoder layer saves for backward, per token (see the module docstring)."""
+    per = b * (9 * s.hidden + 4 * s.intermediate) + (16 if b < 4 else 4) * s.hidden + 4 * s.heads
+    if attn == "eager":
+        per += (4 + (b if b < 4 else 0)) * s.heads * row_len  # softmax probabilities (float32 and cast back)
+    elif attn == "sdpa":
+        per += b * row_len  # sdpa's per-layer copy of the block-diagonal mask of packed rows
+    return per
+
+
+def activation_bytes(s: ModelShape, tokens: int, row_len: int, b: int, checkpointing: bool,
+                     attn: str) -> tuple[float, float]:
+    """(saved activations, backward's extra peak) of one micro-batch, in bytes."""
+    per = layer_bytes(s, row_len, b, attn)
+    head = 3 * b * s.hidden + 4 * s.vocab  # final norm, lm_head input, log-softmax of the logits
+    saved = (s.layers * (b * s.hidden if checkpointing else per) + head) * tokens
+    loss_extra = (8 + (b if b < 4 else 0)) * s.vocab  # gradient of log-softmax and of the logits (+ bf16 cast)
+    layer_extra = per * (2 if checkpointing else 1)  # a layer's activation gradients (+ its recomputation)
+    return saved, max(loss_extra, layer_extra) * tokens
+
+
+def estimate(cfg: Config, shape: ModelShape, world_size: int, cuda: bool) -> Plan:
+    """The per-device plan for this config at ``world_size`` data-parallel ranks."""
+    import torch
+
+    from launcher.model import compute_dtype
+
+    b = 2 if compute_dtype(cfg.model) == torch.bfloat16 else 4
+    psi, phi, W = shape.params, shape.trainable, max(world_size, 1)
+    tokens = cfg.train.micro_batch_size * cfg.dataset.cutoff_len
+    attn, ckpt = cfg.model.attn_implementation, cfg.model.gradient_checkpointing
+    act, transient = activation_bytes(shape, tokens, cfg.dataset.cutoff_len, b, ckpt, attn)
+    act_other, _ = activation_bytes(shape, tokens, cfg.dataset.cutoff_len, b, not ckpt, attn)
+    common = dict(world_size=W, activations=act, activations_other=act_other, tokens=tokens)
+
+    if cfg.backend.name == "deepspeed":
+        ds = _ds_settings(cfg)
+        stage, notes = ds["stage"], []
+        opt_w = W if stage >= 1 else 1
+        params = b * psi / (W if stage == 3 else 1)
+        grads = b * phi / (W if stage >= 2 else 1)
+        # float32 master partition (kept even when training in float32), float32 gradient partition, two moments
+        optim = (4 + 4 + 8) * phi / opt_w
+        if stage == 3:
+            # ZeRO-3 gathers each layer for its forward/backward and keeps it while under max_live_parameters.
+            params += b * min(psi, ds["max_live"]) * (W - 1) / W
+        else:
+            transient += min(ds["reduce_bucket"], phi) * b
+        host = 0.0
+        if ds["offload_optimizer"]:
+            host, optim = host + optim, 0.0
+            notes.append("optimizer states offloaded to host memory")
+        if ds["offload_param"] and stage == 3:
+            host += b * psi / W
+            params -= b * psi / W
+            notes.append("parameter shards offloaded to host memory")
+        return Plan(f"DeepSpeed ZeRO-{stage} × {W}", parameters=params, gradients=grads, optimizer=optim,
+                    transient=transient, step_temp=0.0 if ds["offload_optimizer"] else 4 * phi / opt_w,
+                    # On CPU, DeepSpeed's shared-memory all-reduce maps every rank's buffer into every rank.
+                    buffers=0.0 if cuda else DS_SHM_BUFFER * W, host_offload=host, notes=notes, **common)
+    if cfg.backend.name == "fsdp":
+        # float32 shards; while a layer computes, it and the prefetched next one are gathered in the compute dtype,
+        # and the root unit (embeddings, head, final norm) stays gathered through forward and backward.
+        gathered = b * (2 * shape.largest_layer + psi - shape.layer_params)
+        return Plan(f"FSDP2 full shard × {W}", parameters=4 * psi / W + gathered, gradients=4 * phi / W,
+                    optimizer=8 * phi / W, transient=transient, step_temp=4 * phi / W, **common)
+    cache = 2 * shape.trainable_matmul if b < 4 else 0  # autocast's bf16 copies of the trainable weights
+    params = 4 * psi + cache
+    notes = []
+    if cfg.finetune.method == "qlora":  # the frozen body in NF4 with double quantisation: ~0.53 byte per weight
+        params -= (4 - 0.53) * shape.frozen_body_matmul
+        notes.append("QLoRA: frozen linear weights counted at 4 bits")
+    return Plan("single process", parameters=params, gradients=4 * phi, optimizer=8 * phi,
+                transient=transient, step_temp=4 * phi, notes=notes, **common)
+
+
+@dataclass
+class Capacity:
+    kind: str  # "cuda" or "cpu"
+    name: str
+    per_device: float  # bytes one device (or, on CPU, the whole host) offers
+    host_available: float
+
+
+def detect_capacity() -> Capacity:
+    """GPU memory of the smallest visible GPU, or the host's available RAM on a CPU-only machine."""
+    import psutil
+    import torch
+
+    host = float(psutil.virtual_memory().available)
+    if torch.cuda.is_available() and torch.cuda.device_count():
+        props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+        small = min(props, key=lambda p: p.total_memory)
+        return Capacity("cuda", small.name, float(small.total_memory), host)
+    return Capacity("cpu", "host RAM", host, host)
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:,.2f} GiB"
+
+
+def table(plan: Plan, cap: Capacity, per_node: int) -> list[str]:
+    """The short table printed before the workers start (its rows add up to the total)."""
+    ckpt = "with" if plan.activations < plan.activations_other else "without"
+    peak = plan.total - plan.parameters - plan.gradients - plan.optimizer - plan.buffers - plan.activations
+    rows = [("parameters", plan.parameters), ("gradients", plan.gradients), ("optimizer states", plan.optimizer),
+            (f"activations ({ckpt} grad. checkpointing)", plan.activations),
+            ("backward / optimizer-step peak on top", peak), ("communication buffers", plan.buffers),
+            ("total per device", plan.total)]
+    out = [f"memory plan ({plan.strategy}, per device; micro-batch of {plan.tokens:,} tokens):"]
+    out += [f"  {k:<42}{_gib(v):>12}" for k, v in rows if v or k.startswith("total")]
+    other = "with" if ckpt == "without" else "without"
+    out.append(f"  {'(activations ' + other + ' grad. checkpointing)':<42}{_gib(plan.activations_other):>12}")
+    if plan.host_offload:
+        out.append(f"  {'offloaded to host memory, per rank':<42}{_gib(plan.host_offload):>12}")
+    if cap.kind == "cuda":
+        out.append(f"  available: {_gib(cap.per_device)} per GPU ({cap.name}), host {_gib(cap.host_available)}")
+    else:
+        out.append(f"  available: {_gib(cap.host_available)} host RAM for {per_node} CPU worker(s)")
+    return out + [f"  note: {n}" for n in plan.notes]
+
+
+def needed(plan: Plan, cap: Capacity, per_node: int) -> tuple[float, float]:
+    """(bytes needed, bytes usable) on the tightest resource: one GPU, or the host holding every local rank."""
+    if cap.kind == "cuda":
+        return plan.total + GPU_PROCESS_OVERHEAD, cap.per_device
+    return per_node * (plan.total + plan.host_offload + CPU_PROCESS_OVERHEAD), cap.host_available
+
+
+def suggestions(cfg: Config, plan: Plan) -> list[str]:
+    tips = []
+    if not cfg.model.gradient_checkpointing and plan.activations_other < plan.activations:
+        tips.append(f"model.gradient_checkpointing=true (activations {_gib(plan.activations)} -> "
+                    f"{_gib(plan.activations_other)})")
+    if cfg.train.micro_batch_size > 1:
+        tips.append(f"train.micro_batch_size={max(1, cfg.train.micro_batch_size // 2)} with "
+                    f"train.grad_accum={cfg.train.grad_accum * 2} (same batch, half the activations)")
+    if cfg.backend.name != "deepspeed" or "ZeRO-3" not in plan.strategy:
+        tips.append("backend=deepspeed_zero3 (shards parameters, gradients and optimizer states over the GPUs)")
+    elif not plan.host_offload:
+        tips.append("a DeepSpeed config with zero_optimization.offload_optimizer.device=cpu (optimizer states "
+                    "to host memory)")
+    if cfg.finetune.method == "full":
+        tips.append("finetune=lora (trains adapters only: gradients and optimizer states shrink to a few MB)")
+    tips.append(f"a shorter dataset.cutoff_len (now {cfg.dataset.cutoff_len}) or more GPUs")
+    return tips
+
+
+def check_memory(cfg: Config, nproc_per_node: int, say: Callable[[str], None],
+                 refuse: bool = True) -> dict[str, Any] | None:
+    """Print the plan; raise ConfigError when it cannot fit (unless ``planner.force`` or not ``refuse``).
+
+    Returns the plan as a dict (what the launcher writes to ``memory_plan.json``), or None when the model's
+    config.json is not available locally (the launcher's own check reports that)."""
+    try:
+        shape = load_shape(cfg)
+    except (OSError, ValueError) as err:
+        say(f"memory plan skipped: cannot read the model's config.json ({str(err).splitlines()[0][:200]})")
+        return None
+    cap = detect_capacity()
+    world = nproc_per_node * max(cfg.launcher.nnodes, 1) if cfg.backend.name != "single" else 1
+    plan = estimate(cfg, shape, world, cap.kind == "cuda")
+    for line in table(plan, cap, nproc_per_node):
+        say(line)
+    need, have = needed(plan, cap, nproc_per_node)
+    usable = have * cfg.planner.usable_fraction
+    host_need = nproc_per_node * plan.host_offload
+    record = {**asdict(plan), "total": plan.total, "shape": asdict(shape), "capacity": asdict(cap),
+              "needed": need, "usable": usable}
+    problems = []
+    if need > usable:
+        where = f"one {cap.name} GPU" if cap.kind == "cuda" else f"the host's RAM ({nproc_per_node} workers)"
+        problems.append(f"needs about {_gib(need)} on {where} but {_gib(usable)} is usable "
+                        f"({cfg.planner.usable_fraction:.0%} of {_gib(have)})")
+    if cap.kind == "cuda" and host_need > cap.host_available * cfg.planner.usable_fraction:
+        problems.append(f"offloading needs {_gib(host_need)} of host RAM but {_gib(cap.host_available)} is available")
+    if not problems:
+        return record
+    msg = (f"The job will not fit in memory: it {' and '.join(problems)}. Try "
+           + "; or ".join(suggestions(cfg, plan))
+           + ". Set planner.force=true to start anyway (the estimate is conservative within about ±35%).")
+    if cfg.planner.force or not refuse:
+        say(f"warning: {msg}")
+        return record
+    raise ConfigError(msg)
