@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -473,11 +473,10 @@ def open_reader(ckpt: Path) -> Reader:
 def open_source(src: Source, trained: torch.nn.Module, base_dir: Path | str) -> Reader:
     """The checkpoint's reader; for LoRA, with the frozen base weights it may not hold taken from the base model."""
     reader = open_reader(src.checkpoint)
-    if src.cfg.finetune.method != "lora":
+    if not uses_lora(src.cfg):
         return reader
     have = reader.shapes()
-    frozen = {n: n.removeprefix("base_model.model.").replace(".base_layer.", ".")
-              for n, p in trained.named_parameters() if not p.requires_grad}
+    frozen = {n: base_name(n) for n, p in trained.named_parameters() if not p.requires_grad}
     if all(n in have for n in frozen):
         return reader
     return WithBase(reader, BaseWeights(base_dir), frozen)
@@ -516,9 +515,11 @@ def skeletons(cfg: Config, base_dir: Path | str) -> tuple[torch.nn.Module, torch
         return model
 
     base = build()
+    # QLoRA trains the same adapters on a 4-bit copy of the base; they are merged into the full-precision base.
+    finetune = replace(cfg.finetune, method="lora") if cfg.finetune.method == "qlora" else cfg.finetune
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # PEFT asks transformers a deprecated question
-        trained = apply_finetune(build(), cfg.finetune)  # adapters are small: real tensors, the base stays meta
+        trained = apply_finetune(build(), finetune)
     return trained, base, hf_config
 
 
@@ -528,6 +529,23 @@ def _tied_groups(module: torch.nn.Module) -> list[list[str]]:
     for name, p in module.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(p), []).append(name)
     return list(by_id.values())
+
+
+def uses_lora(cfg: Config) -> bool:
+    return cfg.finetune.method in ("lora", "qlora")
+
+
+def base_name(train_name: str) -> str:
+    """The base model's name of a training (PEFT) tensor name: what ``merge_and_unload`` would call it."""
+    name = train_name.removeprefix("base_model.model.")
+    for wrapper in (".base_layer.", ".original_module.", ".modules_to_save.default."):
+        name = name.replace(wrapper, ".")
+    return name
+
+
+def is_adapter(train_name: str) -> bool:
+    """Trained by a LoRA run: the adapters, and full copies of ``finetune.lora_modules_to_save``."""
+    return "lora_" in train_name or ".modules_to_save." in train_name
 
 
 def _lora_layers(trained: torch.nn.Module) -> dict[str, Any]:
@@ -588,23 +606,25 @@ class Plan:
 def make_plan(cfg: Config, mcfg: MergeConfig, reader: Reader, trained: torch.nn.Module, base: torch.nn.Module,
               hf_config: Any, where: Path) -> Plan:
     source = check_complete(reader, trained, where)
-    lora = cfg.finetune.method == "lora"
+    lora = uses_lora(cfg)
     plan = Plan(out_dtype=output_dtype(mcfg, hf_config), adapter_only=lora and not mcfg.lora, source=source)
     layers = _lora_layers(trained)
     shapes = reader.shapes()
     if plan.adapter_only:
-        names = [n for n in trained.state_dict() if "lora_" in n]
+        names = [n for n in trained.state_dict() if is_adapter(n)]
         plan.tensors = {n: (source[n], "") for n in names}
         plan.shapes = {n: shapes[source[n]] for n in names}
         plan.parameters = sum(p.numel() for p in trained.parameters())
         return plan
-    # Output names are the base model's; a LoRA-wrapped weight is read from its `.base_layer` and merged.
-    to_train = {}
+    # Output names are the base model's: a LoRA-wrapped weight is read from its `.base_layer` and merged; a module
+    # in lora_modules_to_save is its trained copy (its frozen `.original_module` is not exported).
+    to_train: dict[str, str] = {}
     for name in trained.state_dict():
         if lora and "lora_" in name:
             continue
-        out = name.removeprefix("base_model.model.").replace(".base_layer.", ".") if lora else name
-        to_train[out] = name
+        out = base_name(name) if lora else name
+        if ".original_module." not in name or out not in to_train:
+            to_train[out] = name
     base_names = list(base.state_dict())
     dropped = {n for group in _tied_groups(base) for n in group[1:]}  # saved once; from_pretrained re-ties
     for out in base_names:
@@ -631,7 +651,7 @@ def output_dtype(mcfg: MergeConfig, hf_config: Any) -> torch.dtype:
 
 def load_lora(reader: Reader, trained: torch.nn.Module, source: dict[str, str]) -> None:
     """Put the (small) LoRA tensors into the meta skeleton, so PEFT's layers can compute their deltas."""
-    sd = {n: reader.get(s).float() for n, s in source.items() if "lora_" in n}
+    sd = {n: reader.get(s).float() for n, s in source.items() if "lora_" in n}  # small: rank × width
     trained.load_state_dict(sd, strict=False, assign=True)
 
 
@@ -792,7 +812,7 @@ def default_output(src: Source, mcfg: MergeConfig) -> Path:
         from launcher.config import resolve_path
 
         return resolve_path(mcfg.output_dir)
-    kind = "adapter" if src.cfg.finetune.method == "lora" and not mcfg.lora else "merged"
+    kind = "adapter" if uses_lora(src.cfg) and not mcfg.lora else "merged"
     return src.run_dir / kind / f"step-{src.step}"
 
 
@@ -810,11 +830,11 @@ def export(path: str | Path, mcfg: MergeConfig | None = None, log: Any = print) 
     reader = open_source(src, trained, base_dir)
     layout = reader.kind
     plan = make_plan(src.cfg, mcfg, reader, trained, base, hf_config, src.checkpoint)
-    if src.cfg.finetune.method == "lora" and not plan.adapter_only:
+    if uses_lora(src.cfg) and not plan.adapter_only:
         load_lora(reader, trained, plan.source)
     log(f"merging {src.checkpoint} ({reader.kind}, step {src.step}) -> {final} "
         f"[{str(plan.out_dtype).removeprefix('torch.')}, {plan.parameters:,} parameters"
-        f"{', LoRA merged' if src.cfg.finetune.method == 'lora' and not plan.adapter_only else ''}"
+        f"{', LoRA merged' if uses_lora(src.cfg) and not plan.adapter_only else ''}"
         f"{', adapter only' if plan.adapter_only else ''}]")
     made_parent = not final.parent.exists()
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -843,7 +863,7 @@ def export(path: str | Path, mcfg: MergeConfig | None = None, log: Any = print) 
             "base_model": str(base_dir),
             "template": src.cfg.template.name,
             "finetune": src.cfg.finetune.method,
-            "lora": ("adapter" if plan.adapter_only else "merged") if src.cfg.finetune.method == "lora" else None,
+            "lora": ("adapter" if plan.adapter_only else "merged") if uses_lora(src.cfg) else None,
             "dtype": str(plan.out_dtype).removeprefix("torch."),
             "parameters": plan.parameters,
             "generation": gen_info,

@@ -129,14 +129,21 @@ def answer(folder: Path, mcfg: MergeConfig, data_dir: str) -> int:
 def after_train(run_dir: Path) -> int:
     """The end of `python -m launcher`: merge the last checkpoint and answer one held-out question."""
     say("merging the last checkpoint (merge.after_train=false skips this)")
-    return run(str(run_dir), [], ask=True)
+    rc = run(str(run_dir), [], ask=True)
+    if rc != 0:
+        say(f"training itself finished and its checkpoints are kept; merge again with "
+            f"`python -m launcher.merge {run_dir}` once the problem above is fixed")
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help") or args[0].count("=") and not Path(args[0]).exists():
+    if args and args[0] in ("-h", "--help"):
         print(__doc__)
-        return 0 if args and args[0] in ("-h", "--help") else 2
+        return 0
+    if not args or ("=" in args[0] and not Path(args[0]).exists()):  # no path, or overrides only
+        say("usage: python -m launcher.merge <run_dir or checkpoint> [key=value ...]  (--help for more)")
+        return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet()
     return run(args[0], args[1:], ask=False)
