@@ -2,17 +2,18 @@
 
 Three stages, each checkable on its own:
 
-* **Read.** A reader opens whichever layout the backend wrote (DeepSpeed ZeRO-2/3 shards, the single-process
-  ``state.pt``) with memory-mapped files and gathers one full tensor at a time, so nothing holds the whole model.
-  Before any byte is written the checkpoint is checked against the model that ``config.yaml`` describes: a missing
-  rank file, a missing or misshapen tensor, a file cut short, or files from different saves is a clear
-  :class:`ExportError`.
-* **Write.** Output shards are planned by size (``merge.max_shard_size``), then filled and written one at a time in
-  the chosen dtype, LoRA deltas added on the way (PEFT's own ``get_delta_weight``), so peak host memory stays near
-  one shard — one copy of the model when it fits one file. Next to the weights: ``config.json``, the tokenizer with
-  the training template as ``chat_template``, ``generation_config.json`` whose ``eos_token_id`` lists the
-  template's stop words, and ``manifest.json`` (source, step, config hash, parameter count, file hashes).
-  With ``merge.lora=false`` a LoRA run is written as a PEFT adapter folder instead.
+* **Read.** A reader opens whichever layout the backend wrote (DeepSpeed ZeRO-2/3 rank files, FSDP2's
+  torch.distributed.checkpoint folder, the single-process ``state.pt``) and gathers one full tensor at a time from
+  memory-mapped files, so nothing holds the whole model; a LoRA checkpoint that saved only what it trained gets
+  its frozen base from the base model's safetensors. Before any byte is written the checkpoint is checked against
+  the model that ``config.yaml`` describes: a missing rank file, a missing or misshapen tensor, a file cut short,
+  or files from different saves is a clear :class:`ExportError`.
+* **Write.** Output files are planned by size (``merge.max_shard_size``), then written tensor by tensor in the
+  chosen dtype, LoRA deltas added on the way (PEFT's own ``get_delta_weight``), so peak host memory stays below
+  one copy of the model in the output dtype (BENCHMARKS.md, "Merge"). Next to the weights: ``config.json``, the
+  tokenizer with the training template as ``chat_template``, ``generation_config.json`` whose ``eos_token_id``
+  lists the template's stop words, and ``manifest.json`` (source, step, config hash, parameter count, file
+  hashes, verification results). With ``merge.lora=false`` a LoRA run is written as a PEFT adapter folder.
 * **Verify.** A fresh process reloads the folder with ``from_pretrained`` and checks it against the checkpoint:
   every tensor present, none empty or non-finite, the parameter count, logits on fixed probe conversations against
   the training-time module (float32: ``merge.atol``), the chat template against the training template (text and

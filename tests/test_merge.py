@@ -205,13 +205,6 @@ def test_zero3_lora_merged_equals_peft_merge(zero3_lora: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_zero2_lora_round_trip(zero2_lora: Path) -> None:
-    m = merged_ok(merge(zero2_lora), zero2_lora / "merged" / "step-2")
-    assert "ZeRO-2" in m["source"]["layout"] and m["verification"]["max_logit_diff"] <= 1e-5
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
 def test_zero3_lora_adapter_only_in_bfloat16(zero3_lora: Path) -> None:
     folder = zero3_lora / "adapter" / "step-2"
     m = merged_ok(merge(zero3_lora, "merge.lora=false", "dtype=bfloat16"), folder)
