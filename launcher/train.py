@@ -29,6 +29,7 @@ from launcher.metrics import MetricsLogger
 from launcher.model import apply_finetune, load_model, load_tokenizer
 from launcher.packing import (ISOLATING_ATTENTION, LEAK_TOLERANCE, RowLoader, RowPlan, isolation_leak, load_plan,
                               packed_forward, plan_path, varlen_attention)
+from launcher.preflight import check_ranks
 from launcher.templates import IGNORE_INDEX
 
 
@@ -158,6 +159,8 @@ def run(run_dir: str | Path) -> dict:
     torch.manual_seed(cfg.train.seed)
     backend = make_backend(cfg)
     check_world(cfg, backend)
+    if cfg.launcher.nnodes > 1:  # which rank runs on which node, and a timed all-reduce with the real backend
+        check_ranks(backend.rank, backend.world_size, backend.device)
     loader, total_steps = build_loader(cfg, backend)
     rss_before_model = host_memory_mb()
     pad_id = load_tokenizer(cfg.model).pad_token_id

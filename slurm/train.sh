@@ -78,8 +78,8 @@ log "job $SLURM_JOB_ID (attempt $((${SLURM_RESTART_COUNT:-0} + 1))) on $NNODES n
 
 # --- stop requests ------------------------------------------------------------------------------------------
 # USR1 (--signal=B:..., scancel --signal=USR1 --batch) reaches only this script: pass it to srun, which passes it
-# to every process of its tasks on every node. The launchers ask their workers to finish the step and save; the
-# deepspeed/accelerate launchers in between ignore it (launcher/__main__.py).
+# to every process of its tasks on every node. The launchers ask their workers to finish the step and save, and
+# wait for them even if the deepspeed/accelerate launchers in between die of the signal (launcher/__main__.py).
 # SIGTERM (scancel, preemption, time limit) reaches every process of the job at once, srun and the launchers
 # included, so it is only noted here; Slurm sends SIGKILL KillWait seconds later (30 by default).
 stop=""
