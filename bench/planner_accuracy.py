@@ -64,6 +64,8 @@ CONFIGS = {
                                   "train.micro_batch_size=2"]),
     "larger zero3x2 mbs2": (True, ["backend=deepspeed_zero3", "launcher.nproc_per_node=2",
                                    "train.micro_batch_size=2"]),
+    "tiny fsdp2x2 mbs2": (False, ["backend=fsdp", "launcher.nproc_per_node=2", "train.micro_batch_size=2"]),
+    "larger fsdp2x2 mbs2": (True, ["backend=fsdp", "launcher.nproc_per_node=2", "train.micro_batch_size=2"]),
 }
 QUICK = ["tiny single mbs4", "larger single mbs2", "larger zero3x2 mbs2"]
 

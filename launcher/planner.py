@@ -15,10 +15,12 @@ single (plain torch)   4Ψ          4Φ           8Φ            float32 masters
                                                               of the trainable matmul weights (+2Φ_linear)
 DeepSpeed ZeRO-0/1/2   bΨ          bΦ (/W ≥2)   16Φ (/W ≥1)   float32 master, float32 gradient partition, moments
 DeepSpeed ZeRO-3       bΨ/W        bΦ/W         16Φ/W         + gathered parameters: b·min(Ψ, max_live)·(W-1)/W
-FSDP2 (full shard)     4Ψ/W        4Φ/W         8Φ/W          + two unsharded layers in b bytes (not yet measured)
+FSDP2 (full shard)     4Ψ/W        4Φ/W         8Φ/W          + b·(2 layers + embeddings, head, final norm)
 =====================  ==========  ===========  ============  ===================================================
 
-DeepSpeed keeps its float32 master partition even when training in float32. ``offload_optimizer`` moves the
+FSDP2 gathers a layer (and prefetches the next) in the compute dtype; its root unit stays gathered. QLoRA
+(single process) stores the frozen linear weights in NF4, about 0.53 byte each. DeepSpeed keeps its float32
+master partition even when training in float32. ``offload_optimizer`` moves the
 optimizer column to host memory, ``offload_param`` the parameter shard. On CPU, DeepSpeed's shared-memory
 all-reduce maps a 66 MiB buffer per rank into every rank (``buffers``). AdamW's step allocates about 4Φ/W of
 temporaries (foreach sqrt) after backward has freed the activations, so the total counts the larger of the two.
@@ -39,8 +41,8 @@ activation gradients (twice that with checkpointing: recomputation and its gradi
 Accuracy: ``bench/planner_accuracy.py`` (numbers in BENCHMARKS.md) and tests/test_planner.py train a few steps on
 CPU and compare with the measured peak (resident-set high-water mark during training minus the resident set before
 the model was built, with a fixed glibc mmap threshold so RSS follows live tensors). Measured: the estimate is
-0.97-1.19× the peak (tiny and a 56M-parameter Llama; single process, LoRA, checkpointing, 2-rank ZeRO-3); the
-tests accept 0.8-1.35×. Not modelled: allocator fragmentation and the CUDA context (``planner.usable_fraction``
+0.88-1.17× the peak (tiny and a 56M-parameter Llama; single process, LoRA, checkpointing, 2-rank ZeRO-3 and
+FSDP2); the tests accept 0.8-1.35×. QLoRA and offload are not measured (they need a GPU). Not modelled: allocator fragmentation and the CUDA context (``planner.usable_fraction``
 and a fixed per-process overhead cover them), NCCL buffers, MoE routing, sliding-window savings, and a loss that
 chunks the logits (the estimate then overstates the ``V`` terms).
 """
