@@ -303,6 +303,13 @@ def spawn(cmd: list[str], env: dict[str, str]) -> tuple[int, int | None]:
     return rc, (received[0] if received else None)
 
 
+def remove_shm_buffers(addr: str, port: int | None) -> None:
+    """Delete the shared-memory all-reduce buffers DeepSpeed's CPU backend leaves in /dev/shm (66 MiB per rank,
+    held in RAM until deleted). They are named after the rendezvous address and port, so only this job's go."""
+    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_*"):
+        leftover.unlink(missing_ok=True)
+
+
 def report_failure(run_dir: Path, rc: int) -> None:
     """Name the rank that failed first (later failures are usually other ranks losing contact with it)."""
     errors = []
@@ -376,6 +383,7 @@ def run(dcfg: DictConfig) -> int:
         train_run(run_dir)
     else:
         rc, stop = spawn(cmd, worker_env(cfg, nproc))
+        remove_shm_buffers(cfg.launcher.master_addr, cfg.launcher.master_port)
     # (an earlier attempt's summary was removed when this one started)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     if summary.get("stopped") or (rc != 0 and stop is not None):
