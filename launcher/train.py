@@ -241,12 +241,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m launcher.train <run_dir>")
     try:
         run(args[0])
-    except Exception:
+    except (Exception, SystemExit) as err:
+        if isinstance(err, SystemExit) and not isinstance(err.code, str):
+            raise  # a bare exit status: the rank that explains it has a message of its own
         # Every rank's output is interleaved on the console; this file lets the launcher name the first failure.
-        rank = os.environ.get("RANK", "0")
         err_dir = Path(args[0]) / "errors"
         err_dir.mkdir(exist_ok=True)
-        (err_dir / f"rank-{rank}.txt").write_text(f"{time.time()}\n{traceback.format_exc()}")
+        text = err.code if isinstance(err, SystemExit) else traceback.format_exc()
+        (err_dir / f"rank-{os.environ.get('RANK', '0')}.txt").write_text(f"{time.time()}\n{text}")
         raise
 
 

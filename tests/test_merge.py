@@ -185,6 +185,7 @@ def assert_peft_merge(run: Path, folder: Path, state: dict[str, torch.Tensor] | 
     model = apply_finetune(load_model(cfg.model), cfg.finetune)
     state = deepspeed_state(run / "checkpoints" / "step-2") if state is None else state
     loaded = model.load_state_dict(state, strict=False)
+    assert not loaded.unexpected_keys
     assert not [k for k in loaded.missing_keys if "lora_" in k]  # only the frozen base may come from the model
     want = model.merge_and_unload().state_dict()
     got = load_file(folder / "model.safetensors")
