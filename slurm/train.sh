@@ -108,8 +108,9 @@ rc=$?
 # --- requeue or finish --------------------------------------------------------------------------------------
 STOPPED=75 # the launcher's exit code after its workers saved a checkpoint on request (launcher/checkpoint.py)
 state=$(scontrol -o show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*' || true)
-if [[ $rc != 0 && ($stop == TERM || $state != JobState=RUNNING) ]]; then
+if [[ $rc != 0 && ($stop == TERM || (-n $state && $state != JobState=RUNNING)) ]]; then
   # SIGTERM means scancel (or a preemption that requeues the job itself): the job must end, never come back.
+  # (scontrol requeue would accept a job that is being cancelled.)
   log "stopped by SIG${stop:-TERM} (${state:-JobState unknown}): not requeueing; exit code $rc"
   exit "$rc"
 fi
