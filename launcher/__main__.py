@@ -122,6 +122,7 @@ def quiet_libraries() -> None:
 def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
     """Everything before the workers: model files, data, the resolved config (checked against an earlier run's
     when resuming in the same run directory)."""
+    from launcher.backends import check_backend_config
     from launcher.checkpoint import resume_checkpoint
     from launcher.data import prepare
     from launcher.model import check_available, load_tokenizer, materialize
@@ -129,12 +130,10 @@ def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
     from launcher.config import resolve_path
 
     check_resumable(cfg, run_dir)
+    ckpt = resume_checkpoint(cfg, run_dir, world_size)
+    check_backend_config(cfg, world_size)
     check_available(cfg.model)
     materialize(cfg.model)
-    if cfg.backend.name == "deepspeed":  # its "auto" values and contradictions, before any worker starts
-        from launcher.backends.deepspeed import fill_ds_config
-
-        fill_ds_config(cfg, world_size)
     tokenizer = load_tokenizer(cfg.model)
     tok_dir = resolve_path(cfg.model.name_or_path)
     t0 = time.time()
@@ -166,7 +165,6 @@ def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
     cfg.data_path = str(data_path)
     cfg.run_dir = str(run_dir)
     write_run_config(cfg, run_dir)
-    ckpt = resume_checkpoint(cfg, run_dir, world_size)
     if ckpt is not None:
         say(f"resuming from {ckpt}")
 

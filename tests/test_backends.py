@@ -164,3 +164,15 @@ def test_qlora_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
     assert "finetune.method=qlora needs a CUDA GPU and the bitsandbytes package" in r.stderr
     assert "Traceback" not in r.stderr
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_accelerate_config_must_be_fsdp2_with_sharded_checkpoints(tmp_path: Path) -> None:
+    from launcher.backends.fsdp import check_accelerate_config
+
+    check_accelerate_config(ROOT / "accelerate_configs" / "fsdp2.yaml")
+    text = (ROOT / "accelerate_configs" / "fsdp2.yaml").read_text()
+    bad = tmp_path / "fsdp1.yaml"
+    bad.write_text(text.replace("fsdp_version: 2", "fsdp_version: 1").replace("use_cpu: false", "use_cpu: true"))
+    with pytest.raises(ConfigError) as err:
+        check_accelerate_config(bad)
+    assert "fsdp_config.fsdp_version: 1" in str(err.value) and "use_cpu: true" in str(err.value)

@@ -70,6 +70,21 @@ def make_backend(cfg: Config) -> Backend:
     return SingleBackend(cfg)
 
 
+def check_backend_config(cfg: Config, world_size: int) -> None:
+    """The backend's own config file (DeepSpeed JSON, Accelerate YAML), checked by the launcher before any worker
+    starts, so a contradiction is a plain ConfigError rather than a traceback in every rank."""
+    from launcher.config import resolve_path
+
+    if cfg.backend.name == "deepspeed":
+        from launcher.backends.deepspeed import fill_ds_config
+
+        fill_ds_config(cfg, world_size)
+    elif cfg.backend.name == "fsdp":
+        from launcher.backends.fsdp import check_accelerate_config
+
+        check_accelerate_config(resolve_path(cfg.backend.accelerate_config))
+
+
 def collective_timeout(cfg: Config) -> timedelta:
     """How long a collective may wait for a peer: a rank that hangs fails the job instead of hanging it."""
     return timedelta(minutes=cfg.backend.timeout_minutes)

@@ -155,4 +155,5 @@ class DeepSpeedBackend:
 
     def close(self) -> None:
         if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # no rank tears the group down while another still talks to it
             torch.distributed.destroy_process_group()

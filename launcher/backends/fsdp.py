@@ -21,8 +21,31 @@ from pathlib import Path
 import torch
 
 from launcher.backends import MakeModel, collective_timeout, make_optimizer, trainable
-from launcher.config import Config
+from launcher.config import Config, ConfigError
 from launcher.model import compute_dtype
+
+
+def check_accelerate_config(path: Path) -> None:
+    """Refuse an Accelerate config this backend would not honour (the launcher calls this before any worker)."""
+    from omegaconf import OmegaConf
+
+    try:
+        acc = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as err:  # YAML syntax errors name the line themselves
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    fsdp = acc.get("fsdp_config") or {}
+    wanted = {"distributed_type": (acc.get("distributed_type"), "FSDP"),
+              "fsdp_config.fsdp_version": (fsdp.get("fsdp_version"), 2),
+              "fsdp_config.fsdp_state_dict_type": (fsdp.get("fsdp_state_dict_type", "SHARDED_STATE_DICT"),
+                                                   "SHARDED_STATE_DICT")}
+    errors = [f"{key}: {have!r} in {path} must be {want!r} for backend=fsdp (FSDP2 with sharded DCP checkpoints; "
+              f"`python -m launcher.merge` writes the full model)" for key, (have, want) in wanted.items()
+              if str(have) != str(want)]
+    if str(acc.get("use_cpu", False)).lower() == "true":
+        errors.append(f"use_cpu: true in {path}: Accelerate would then not shard at all; remove it (the backend "
+                      f"runs FSDP2 on CPU by itself when there is no GPU)")
+    if errors:
+        raise ConfigError("Accelerate config problems:\n  - " + "\n  - ".join(errors))
 
 
 class FSDPBackend:
@@ -56,12 +79,14 @@ class FSDPBackend:
         self.rank, self.world_size, self.device = self.acc.process_index, self.acc.num_processes, self.acc.device
 
     def build(self, make_model: MakeModel, total_steps: int) -> torch.nn.Module:
-        from accelerate.utils import fsdp2_prepare_model
+        from accelerate.utils import fsdp2_apply_ac, fsdp2_prepare_model
         from torch.distributed.tensor import DTensor
 
         # float32 masters; with cpu_ram_efficient_loading only rank 0 reads the weights.
         empty = bool(self.plugin.cpu_ram_efficient_loading) and self.rank != 0
         model = make_model(torch.float32, empty)
+        if self.plugin.activation_checkpointing:  # fsdp_activation_checkpointing in the Accelerate config
+            model = fsdp2_apply_ac(self.acc, model)
         model = fsdp2_prepare_model(self.acc, model)
         unsharded = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
         if unsharded:
@@ -138,4 +163,5 @@ class FSDPBackend:
 
     def close(self) -> None:
         if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # no rank tears the group down while another still talks to it
             torch.distributed.destroy_process_group()
