@@ -8,6 +8,7 @@ world size do not change it.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -239,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit("usage: python -m launcher.train <run_dir>")
+    faulthandler.enable()  # a rank killed by a native crash (SIGSEGV, SIGABRT) still shows where it was
     try:
         run(args[0])
     except (Exception, SystemExit) as err:

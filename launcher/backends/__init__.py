@@ -94,6 +94,35 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def clip_and_step(cfg: Config, model: torch.nn.Module, opt: torch.optim.Optimizer, sched) -> float:
+    """Clip gradients to ``optimizer.max_grad_norm`` (0: no clipping), step optimizer and schedule, zero the
+    gradients; return the norm before clipping (for FSDP2 the norm over every rank's shards)."""
+    clip = cfg.optimizer.max_grad_norm
+    norm = torch.nn.utils.clip_grad_norm_(trainable(model), clip if clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor (FSDP2): its local value covers this rank's shards only
+        norm = norm.full_tensor()
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+class ProcessGroupMixin:
+    """What every multi-process backend does the same way with torch.distributed's default group."""
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+    def close(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # no rank tears the group down while another still talks to it
+            torch.distributed.destroy_process_group()
+
+
 def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], total_steps: int):
     """AdamW and its linear-warmup + cosine schedule, shared by every backend."""
     from transformers import get_cosine_with_min_lr_schedule_with_warmup

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from launcher.backends import MakeModel, collective_timeout, make_optimizer, trainable
+from launcher.backends import MakeModel, ProcessGroupMixin, collective_timeout, make_optimizer, trainable
 from launcher.config import Config, ConfigError, resolve_path
 from launcher.model import compute_dtype
 
@@ -77,7 +77,7 @@ def _node(ds: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return ds
 
 
-class DeepSpeedBackend:
+class DeepSpeedBackend(ProcessGroupMixin):
     def __init__(self, cfg: Config):
         import deepspeed
 
@@ -126,10 +126,6 @@ class DeepSpeedBackend:
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        torch.distributed.all_reduce(t)
-        return t
-
     def param_counts(self) -> tuple[int, int]:
         params = list(self.engine.module.parameters())
         if hasattr(params[0], "ds_tensor"):  # ZeRO-3: each rank holds a partition of every parameter
@@ -149,11 +145,3 @@ class DeepSpeedBackend:
             load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
-
-    def barrier(self) -> None:
-        torch.distributed.barrier()
-
-    def close(self) -> None:
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # no rank tears the group down while another still talks to it
-            torch.distributed.destroy_process_group()

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from launcher.backends import MakeModel, collective_timeout, make_optimizer, trainable
+from launcher.backends import (MakeModel, ProcessGroupMixin, clip_and_step, collective_timeout, make_optimizer,
+                               trainable)
 from launcher.config import Config, ConfigError
 from launcher.model import compute_dtype
 
@@ -48,7 +49,7 @@ def check_accelerate_config(path: Path) -> None:
         raise ConfigError("Accelerate config problems:\n  - " + "\n  - ".join(errors))
 
 
-class FSDPBackend:
+class FSDPBackend(ProcessGroupMixin):
     def __init__(self, cfg: Config):
         from accelerate import Accelerator, FullyShardedDataParallelPlugin
         from accelerate.utils import DistributedType, InitProcessGroupKwargs
@@ -103,23 +104,10 @@ class FSDPBackend:
         loss.backward()  # FSDP2 reduce-scatters (averages) the gradients of each unit as backward passes it
 
     def step(self) -> float:
-        from torch.distributed.tensor import DTensor
-
-        clip = self.cfg.optimizer.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(trainable(self.model), clip if clip > 0 else float("inf"))
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        return float(norm)
+        return clip_and_step(self.cfg, self.model, self.opt, self.sched)
 
     def lr(self) -> float:
         return self.sched.get_last_lr()[0]
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        torch.distributed.all_reduce(t)
-        return t
 
     def param_counts(self) -> tuple[int, int]:
         params = list(self.model.parameters())
@@ -157,11 +145,3 @@ class FSDPBackend:
         dcp.load(optim_sd, checkpoint_id=str(directory / "optimizer"))
         set_optimizer_state_dict(self.model, self.opt, optim_sd, options=opts)
         self.sched.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
-
-    def barrier(self) -> None:
-        torch.distributed.barrier()
-
-    def close(self) -> None:
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # no rank tears the group down while another still talks to it
-            torch.distributed.destroy_process_group()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from launcher.backends import MakeModel, make_optimizer, trainable
+from launcher.backends import MakeModel, clip_and_step, make_optimizer, trainable
 from launcher.config import Config
 from launcher.model import compute_dtype
 
@@ -33,12 +33,7 @@ class SingleBackend:
         loss.backward()
 
     def step(self) -> float:
-        clip = self.cfg.optimizer.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(trainable(self.model), clip if clip > 0 else float("inf"))
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        return float(norm)
+        return clip_and_step(self.cfg, self.model, self.opt, self.sched)
 
     def lr(self) -> float:
         return self.sched.get_last_lr()[0]
