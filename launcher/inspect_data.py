@@ -62,6 +62,8 @@ def report(data_path: Path, stats: DataStats, tokenizer: Any, cutoff_len: int, s
     """Statistics and ``samples`` rendered records of a prepared dataset directory."""
     import datasets
 
+    from launcher.packing import record_lengths
+
     train = datasets.load_from_disk(str(data_path / "train"))
     lines = [f"prepared data: {data_path}", ""]
     per = ", ".join(f"{k} {v}" for k, v in stats.per_dataset.items())
@@ -77,7 +79,7 @@ def report(data_path: Path, stats: DataStats, tokenizer: Any, cutoff_len: int, s
     lines.append(f"tokens:              {stats.tokens:,} ({stats.supervised_tokens:,} supervised, {frac:.1%})")
     lines.append("")
     lines.append("record lengths (tokens):")
-    lines += histogram(train.with_format("numpy")["length"], cutoff_len)
+    lines += histogram(record_lengths(train), cutoff_len)  # from Arrow in bulk, not per record
     for err in stats.errors:
         lines.append(f"skipped: {err}")
     n = min(samples, len(train))
