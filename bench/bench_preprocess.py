@@ -248,7 +248,8 @@ def scale(args: argparse.Namespace) -> None:
         shutil.rmtree(work, ignore_errors=True)
     base = figs[0]["seconds"] / figs[0]["records"]
     print("\n| records | tokens | prepare time | records/s | time/record vs smallest | peak PSS, process tree "
-          "(anon + file-backed) | ru_maxrss main / largest worker | Arrow on disk (peak during) | packing |")
+          "(anon + file-backed) | ru_maxrss main / largest worker | Arrow train split on disk (cache peak during) | "
+          "packing |")
     print("|---:|---:|---:|---:|---:|---|---|---|---|")
     for f in figs:
         p = f["peak"]
