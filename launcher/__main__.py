@@ -338,7 +338,7 @@ def print_summary(run_dir: Path) -> None:
         for line in format_summary(s):
             say(line)
     if "padding_fraction" in s:
-        say(f"padding: {s['padding_fraction']:.1%} of the token slots trained on were padding")
+        say(f"padding: {s['padding_fraction']:.2%} of the token slots trained on were padding")
     say(f"checkpoint: {s['checkpoint']}")
     if s.get("loss_plot"):
         say(f"loss curve: {s['loss_plot']}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,9 @@ class DeepSpeedBackend(ProcessGroupMixin):
     def __init__(self, cfg: Config):
         import deepspeed
 
+        # DeepSpeed calls torch collectives that torch 2.13 deprecates; every rank would print the same warnings,
+        # which no user of this launcher can act on.
+        warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
         self.cfg = cfg
         cuda = torch.cuda.is_available()
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=collective_timeout(cfg))
