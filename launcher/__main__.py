@@ -125,14 +125,13 @@ def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
     from launcher.backends import check_backend_config
     from launcher.checkpoint import resume_checkpoint
     from launcher.data import prepare
-    from launcher.model import check_available, load_tokenizer, materialize
+    from launcher.model import load_tokenizer, materialize
     from launcher.packing import load_plan, plan_path
     from launcher.config import resolve_path
 
     check_resumable(cfg, run_dir)
     ckpt = resume_checkpoint(cfg, run_dir, world_size)
     check_backend_config(cfg, world_size)
-    check_available(cfg.model)
     materialize(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     tok_dir = resolve_path(cfg.model.name_or_path)
@@ -348,8 +347,14 @@ def print_summary(run_dir: Path) -> None:
 def run(dcfg: DictConfig) -> int:
     from launcher.checkpoint import STOPPED_EXIT_CODE
 
+    # No downloads at run time unless asked for (README, "Models"): a model that is not on disk fails in a second
+    # instead of after the hub client's retries, and no process waits on the network for files it already has.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = to_object(dcfg)
     validate(cfg)
+    from launcher.model import check_available
+
+    check_available(cfg.model)  # before the memory planner, which reads the model's config.json
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     nproc = workers_per_node(cfg)
     if cfg.launcher.master_port is None:

@@ -56,7 +56,7 @@ def check_available(cfg: ModelConfig) -> None:
         raise ConfigError(
             f"model.name_or_path={cfg.name_or_path!r} is neither a local directory nor in the Hugging Face cache. "
             f"Download it first (`huggingface-cli download {cfg.name_or_path} --local-dir DIR`) and pass "
-            f"model.name_or_path=DIR, or set HF_HUB_OFFLINE=0 to let workers download it.")
+            f"model.name_or_path=DIR, or set HF_HUB_OFFLINE=0 to let the launcher and workers download it.")
 
 
 def materialize(cfg: ModelConfig) -> Path | str:

@@ -93,7 +93,11 @@ def test_dry_run_prints_the_deepspeed_command(tmp_path: Path) -> None:
 
 
 def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
-    r = run_launcher("model=llama3_8b", f"output_dir={tmp_path}", timeout=120)
+    """Fails before anything else, without asking the hub (whose client retries for ~30 s on a closed network)."""
+    r = run_launcher("model=llama3_8b", f"output_dir={tmp_path / 'out'}", timeout=120,
+                     env={"HF_HOME": str(tmp_path / "hf")})  # an empty cache, whatever this machine holds
     assert r.returncode == 2
     assert "meta-llama/Meta-Llama-3-8B" in r.stderr and "model.name_or_path" in r.stderr
     assert "Traceback" not in r.stderr
+    assert "huggingface.co" not in r.stderr and "memory plan" not in r.stderr, r.stderr
+    assert not any((tmp_path / "out").rglob("*")), "a rejected run leaves no run directory"
