@@ -353,6 +353,16 @@ def validate(cfg: Config) -> None:
         e.append(f"backend.timeout_minutes={cfg.backend.timeout_minutes} must be positive, e.g. 30.")
     if cfg.finetune.method == "qlora":
         e += _qlora_problems(cfg)
+    if cfg.finetune.method in ("lora", "qlora"):
+        f = cfg.finetune
+        if f.lora_rank < 1:
+            e.append(f"finetune.lora_rank={f.lora_rank} must be at least 1, e.g. 8 or 16.")
+        if f.lora_alpha <= 0:
+            e.append(f"finetune.lora_alpha={f.lora_alpha} must be positive (often twice lora_rank).")
+        if not 0 <= f.lora_dropout < 1:
+            e.append(f"finetune.lora_dropout={f.lora_dropout} must be in [0, 1).")
+        if not f.lora_target:
+            e.append("finetune.lora_target is empty: name modules (e.g. [q_proj,v_proj]) or use [all-linear].")
     if cfg.dataset.cutoff_len < 16:
         e.append(f"dataset.cutoff_len={cfg.dataset.cutoff_len} is too small: use at least 16 tokens.")
     if not cfg.dataset.names:

@@ -54,6 +54,15 @@ def test_validate_gathers_every_problem() -> None:
     assert "optimizer.lr=-1" in msg and "train.grad_accum=0" in msg and "dataset.overlong='chop'" in msg
 
 
+def test_lora_settings_are_checked_before_any_worker() -> None:
+    obj = to_object(_compose("finetune=lora"))
+    obj.finetune.lora_rank, obj.finetune.lora_dropout, obj.finetune.lora_target = 0, 1.5, []
+    with pytest.raises(ConfigError) as err:
+        validate(obj)
+    msg = str(err.value)
+    assert "finetune.lora_rank=0" in msg and "finetune.lora_dropout=1.5" in msg and "finetune.lora_target" in msg
+
+
 @pytest.mark.parametrize("override,needle", [
     ("modle=x", "modle"),
     ("optimizer.lr=abc", "optimizer.lr"),
