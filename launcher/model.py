@@ -119,7 +119,7 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, empty: bool
         model = AutoModelForCausalLM.from_pretrained(model_dir(cfg), **kwargs)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -136,6 +136,6 @@ def apply_finetune(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Modu
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
         target_modules="all-linear" if list(target) == ["all-linear"] else list(target),
         modules_to_save=list(cfg.lora_modules_to_save) or None)
-    if getattr(model, "is_gradient_checkpointing", False):
+    if getattr(model, "is_activation_checkpointing", False):  # checkpointed layers need inputs that carry grad
         model.enable_input_require_grads()
     return get_peft_model(model, lora)
