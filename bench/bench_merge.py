@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 PY = sys.executable
 
 NAIVE = r"""
@@ -73,12 +73,6 @@ def measure(cmd: list[str], env: dict[str, str]) -> dict:
             "output": out}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def weights_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
 
@@ -97,6 +91,8 @@ def make_model(where: Path, args: argparse.Namespace) -> Path:
 
 
 def main() -> None:
+    from launcher.preflight import free_port
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=16)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,12 +31,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(run_dir: Path, base_data: str, base_mbs: int, rounds: int, block: int) -> None:
@@ -111,6 +104,7 @@ def main() -> None:
     from launcher.data import prepare
     from launcher.model import load_tokenizer, materialize
     from launcher.packing import load_plan, plan_path
+    from launcher.preflight import free_port
 
     register_configs()
     overrides = ["backend=deepspeed_zero3", f"dataset.cutoff_len={args.cutoff}", f"train.micro_batch_size={args.mbs}",

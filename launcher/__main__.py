@@ -39,15 +39,6 @@ def workers_per_node(cfg: Config) -> int:
     return torch.cuda.device_count() or 2
 
 
-def free_port() -> int:
-    """A port nobody listens on now, so concurrent single-node jobs on one machine do not collide."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cli(name: str) -> str:
     """The CLI that sits next to this interpreter, so an un-activated venv works too."""
     path = Path(sys.executable).parent / name
@@ -358,6 +349,8 @@ def run(dcfg: DictConfig) -> int:
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     nproc = workers_per_node(cfg)
     if cfg.launcher.master_port is None:
+        from launcher.preflight import free_port
+
         cfg.launcher.master_port = free_port()
     cfg.launcher.nproc_per_node = nproc  # workers check they formed a world of this size × nnodes
     memory_plan = None

@@ -55,6 +55,13 @@ def say(msg: str) -> None:
     print(f"[preflight] {msg}", file=sys.stderr, flush=True)
 
 
+def free_port() -> int:
+    """A port nobody listens on now, so concurrent single-node jobs on one machine do not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def this_node() -> str:
     """Slurm's name for this node (fake nodes on one host share a hostname), else the hostname."""
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,16 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from launcher.preflight import free_port
 from tests.conftest import ROOT, run_launcher
 
 PY = sys.executable
 PROBE_IDS = [[0, 2, 5, 17, 300, 301, 4, 2, 99, 3], [0, 7, 8, 9, 1000, 2000, 3000, 4]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(out: Path, *overrides: str) -> Path:

@@ -13,6 +13,7 @@ import torch
 from launcher.backends.single import SingleBackend
 from launcher.config import Config, ModelConfig, OptimizerConfig, TemplateConfig
 from launcher.packing import LEAK_TOLERANCE, collate, isolation_leak, packed_forward
+from launcher.preflight import free_port
 from launcher.templates import IGNORE_INDEX, Template
 from launcher.train import forward_backward, token_loss_sum
 from tests.conftest import ROOT, run_launcher
@@ -153,15 +154,6 @@ def test_a_per_micro_batch_mean_would_differ(records) -> None:
 
 
 # --------------------------------------------------------------------------------------------- the real launcher
-def _free_port() -> int:
-    """A port no one listens on now (other test runs on this machine may hold the default 29500)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_dir(out: Path) -> Path:
     (summary,) = out.rglob("summary.json")
     return summary.parent
@@ -204,7 +196,7 @@ def test_two_rank_packed_step_equals_single_process_unpacked_step(tmp_path: Path
 
     r = run_launcher("backend=deepspeed_zero3", "launcher.nproc_per_node=2", "dataset.max_samples=60",
                      "train.max_steps=1", "train.micro_batch_size=2", "train.grad_accum=2", "train.log_every=1",
-                     f"launcher.master_port={_free_port()}", f"output_dir={tmp_path}", timeout=900)
+                     f"launcher.master_port={free_port()}", f"output_dir={tmp_path}", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run_dir = _run_dir(tmp_path)
     step1 = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
