@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from launcher.config import Config, ConfigError, resolve_path
+from launcher.config import Config, ConfigError, flatten, resolve_path
 
 if TYPE_CHECKING:
     from launcher.backends import Backend
@@ -133,13 +133,7 @@ _MAY_CHANGE = ("launcher.", "merge.", "train.max_steps", "train.epochs", "train.
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(changes that break an exact continuation, harmless changes) between two resolved configs, as
     ``key: old -> new`` lines. Keys only one side has (a field added by a newer version) are harmless."""
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    a, b = flat(old), flat(new)
+    a, b = flatten(old), flatten(new)
     breaking, harmless = [], []
     for key in sorted(set(a) & set(b) - {"run_dir", "data_path"}):  # filled in by the launcher
         if a[key] != b[key]:

@@ -298,6 +298,14 @@ def load_run_config(run_dir: str | Path) -> Config:
     return to_object(OmegaConf.load(path))
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def resolve_path(p: str) -> Path:
     """A user path: absolute, or relative to the working directory, else to the project root."""
     path = Path(os.path.expanduser(p))

@@ -80,14 +80,6 @@ def slurm_node_names() -> list[str]:
     return out.split()
 
 
-def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}"""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 @dataclass
 class NodeInfo:
     """What one node's launcher tells the others when it checks in."""
@@ -125,6 +117,8 @@ class NodeGroup:
         import torch.distributed as dist
         from omegaconf import OmegaConf
 
+        from launcher.config import flatten
+
         lc = cfg.launcher
         rank, n, timeout = lc.node_rank, lc.nnodes, float(lc.preflight_timeout)
         names = slurm_node_names()
@@ -145,7 +139,7 @@ class NodeGroup:
             raise _unreachable(lc.master_addr, port, rank, names, timeout, first) from None
         group = cls(store, rank, n, names, timeout)
 
-        resolved = flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
+        resolved = flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
         for key in _PER_NODE_KEYS:
             resolved.pop(key, None)
         token = secrets.token_hex(8)
