@@ -453,13 +453,17 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, "time": round(time.time() - self.start_time, 3), **record}
+        self._write(step, record)
+        self._progress.update(step if first else 1, info=f"loss {loss:.4f}")
+        if "step_time_skew" in record:
+            self._progress.print(self._line(step, record))
+
+    def _write(self, step: int, record: dict[str, Any]) -> None:
+        """One line of metrics.jsonl, flushed (a crash loses no logged step), and the same record to W&B."""
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._wandb:
             self._wandb.log(record, step)
-        self._progress.update(step if first else 1, info=f"loss {loss:.4f}")
-        if "step_time_skew" in record:
-            self._progress.print(self._line(step, record))
 
     def _gather(self) -> dict[str, float]:
         """Sum a (world × 7) table over ranks in one all-reduce: each rank's row holds its step and data seconds,
@@ -508,12 +512,8 @@ class MetricsLogger:
         self.eval_losses.append((step, result["loss"]))
         if not self.enabled:
             return
-        record = {"step": step, "eval_loss": result["loss"], "eval_supervised_tokens": result["supervised_tokens"],
-                  "eval_seconds": result["seconds"]}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self._wandb:
-            self._wandb.log(record, step)
+        self._write(step, {"step": step, "eval_loss": result["loss"],
+                           "eval_supervised_tokens": result["supervised_tokens"], "eval_seconds": result["seconds"]})
         self._progress.print(f"eval  {step:>5}/{self.total_steps}  loss {result['loss']:.4f}  "
                              f"({result['supervised_tokens']:,} supervised tokens, {result['seconds']:.1f}s)")
 
