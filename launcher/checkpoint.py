@@ -79,12 +79,24 @@ class TrainState:
 
 
 # --------------------------------------------------------------------------------------------- finding
+def step_of(ckpt: Path) -> int:
+    """N of a ``step-N`` directory; -1 for any other name."""
+    m = _STEP_DIR.fullmatch(ckpt.name)
+    return int(m.group(1)) if m else -1
+
+
+def is_complete(ckpt: Path) -> bool:
+    return (ckpt / COMPLETE).is_file()
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """``checkpoints/step-N`` directories, complete or not, oldest first."""
+    return sorted((p for p in (Path(run_dir) / "checkpoints").glob("step-*") if step_of(p) >= 0), key=step_of)
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """``checkpoints/step-N`` directories holding the COMPLETE marker, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    found = [(int(m.group(1)), p) for p in root.glob("step-*")
-             if (m := _STEP_DIR.fullmatch(p.name)) and (p / COMPLETE).is_file()]
-    return [p for _, p in sorted(found)]
+    return [p for p in checkpoint_dirs(run_dir) if is_complete(p)]
 
 
 def read_state(ckpt: Path) -> TrainState:
@@ -106,7 +118,7 @@ def resume_checkpoint(cfg: Config, run_dir: Path, world_size: int) -> Path | Non
         ckpt = done[-1]
     else:
         ckpt = resolve_path(cfg.resume)
-        if not (ckpt / COMPLETE).is_file():
+        if not is_complete(ckpt):
             raise CheckpointError(
                 f"resume={cfg.resume!r}: {ckpt} is not a complete checkpoint (no {COMPLETE} marker). Pass a "
                 f"checkpoints/step-N directory of an earlier run, resume=auto, or resume=never.")
@@ -230,7 +242,7 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     Keys are the trained model's parameter names (PEFT names for LoRA, where only trained parameters are saved).
     """
     ckpt = Path(ckpt)
-    if not (ckpt / COMPLETE).is_file():
+    if not is_complete(ckpt):
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker).")
     state = read_state(ckpt)
     if state.backend == "deepspeed":

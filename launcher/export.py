@@ -42,6 +42,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from launcher.checkpoint import checkpoint_dirs, complete_checkpoints, is_complete, step_of
 from launcher.config import Config, ConfigError, MergeConfig, load_run_config
 
 MANIFEST = "manifest.json"
@@ -77,15 +78,6 @@ class Source:
     cfg: Config
 
 
-def _step_of(p: Path) -> int:
-    m = re.fullmatch(r"step-(\d+)", p.name)
-    return int(m.group(1)) if m else -1
-
-
-def _complete(ckpt: Path) -> bool:
-    return (ckpt / "COMPLETE").is_file()
-
-
 def find_checkpoint(path: str | Path) -> Source:
     """Resolve a run directory (its latest complete checkpoint) or a ``checkpoints/step-N`` folder."""
     p = Path(path).expanduser().resolve()
@@ -94,9 +86,8 @@ def find_checkpoint(path: str | Path) -> Source:
                           f"(outputs/<name>/<time>) or one of its checkpoints/step-N folders.")
     if (p / "config.yaml").is_file():
         run_dir = p
-        root = p / "checkpoints"
-        steps = sorted((c for c in root.glob("step-*") if _step_of(c) >= 0), key=_step_of) if root.is_dir() else []
-        done = [c for c in steps if _complete(c)]
+        steps = checkpoint_dirs(run_dir)
+        done = [c for c in steps if is_complete(c)]
         if not done:
             found = ", ".join(f"{c.name} (no COMPLETE marker)" for c in steps) or "no checkpoints/step-N folder"
             raise ExportError(f"{run_dir} has no complete checkpoint to merge (found: {found}). "
@@ -108,8 +99,8 @@ def find_checkpoint(path: str | Path) -> Source:
     else:
         raise ExportError(f"{p} is neither a run directory (with config.yaml) nor a checkpoint inside one "
                           f"(<run_dir>/checkpoints/step-N): pass the folder `python -m launcher` printed.")
-    if not _complete(ckpt):
-        others = [c.name for c in sorted(ckpt.parent.glob("step-*"), key=_step_of) if _complete(c)]
+    if not is_complete(ckpt):
+        others = [c.name for c in complete_checkpoints(run_dir)]
         hint = f"merge a complete one instead: {', '.join(others)}" if others else "no checkpoint of this run is complete"
         raise ExportError(f"{ckpt} is incomplete: it has no COMPLETE marker, so the save that wrote it did not "
                           f"finish (the job was stopped or a rank failed while saving); {hint}.")
@@ -118,7 +109,7 @@ def find_checkpoint(path: str | Path) -> Source:
     except Exception as err:  # a hand-edited or truncated config.yaml
         raise ExportError(f"{run_dir / 'config.yaml'} cannot be read as this launcher's config: "
                           f"{str(err).splitlines()[0]}") from None
-    step = _step_of(ckpt)
+    step = step_of(ckpt)
     state = ckpt / "trainer_state.json"
     if state.is_file():
         try:
