@@ -2,8 +2,9 @@
 
 Composes the same config as ``python -m launcher`` (same Hydra overrides), prepares the data the same way (and so
 reuses or fills the same cache), then prints statistics — records read, used, dropped for errors (by reason) and
-for length, tokens, the supervised-token fraction, a length histogram — and N prepared samples with the trained
-tokens marked: green on a terminal, inside ⟦…⟧ otherwise. Everything outside the marks has label -100.
+for length, tokens, the supervised-token fraction, per dataset the records available and used, repeats and token
+share, a length histogram — and N prepared samples with the trained tokens marked: green on a terminal, inside ⟦…⟧
+otherwise. Everything outside the marks has label -100.
 
 The launcher writes the same report (without colour) to ``<run_dir>/data_report.txt`` at every training start.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.data import DataStats
+from launcher.mixing import mix_table
 from launcher.templates import IGNORE_INDEX
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
@@ -69,6 +71,7 @@ def report(data_path: Path, stats: DataStats, tokenizer: Any, cutoff_len: int, s
     per = ", ".join(f"{k} {v}" for k, v in stats.per_dataset.items())
     lines.append(f"records read:        {stats.records}" + (f" ({per})" if per else ""))
     lines.append(f"used for training:   {stats.used}")
+    lines += mix_table(stats.mix)
     lines.append(f"held out for eval:   {stats.eval_records}")
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.error_reasons.items()))
     lines.append(f"dropped for errors:  {stats.dropped_errors}" + (f" ({reasons})" if reasons else ""))
