@@ -390,7 +390,7 @@ def _progress_bars() -> Iterator[None]:
             datasets.disable_progress_bars()
 
 
-def _records(entries: list[DatasetEntry], cfg: DatasetConfig, template: Template, stats: DataStats
+def _records(entries: tuple[DatasetEntry, ...], cfg: DatasetConfig, template: Template, stats: DataStats
              ) -> Iterator[dict[str, Any]]:
     """Converted records, one at a time: {"messages", "tools" (JSON text, "" for none)}. Errors raise or are
     counted in ``stats`` according to ``cfg.on_error``."""
@@ -492,7 +492,8 @@ def prepare(cfg: DatasetConfig, template_cfg: TemplateConfig, tokenizer: Any, to
             try:
                 raw = datasets.Dataset.from_generator(
                     _records, features=features, cache_dir=str(tmp / "work"), fingerprint=f"{key}-records",
-                    gen_kwargs={"entries": entries, "cfg": cfg, "template": template, "stats": stats})
+                    # A tuple: a list would be split into shards, one generator call each, losing the positions.
+                    gen_kwargs={"entries": tuple(entries), "cfg": cfg, "template": template, "stats": stats})
             except Exception as err:
                 cause: BaseException | None = err
                 while cause is not None and not isinstance(cause, DataError):

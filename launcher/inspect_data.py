@@ -71,7 +71,6 @@ def report(data_path: Path, stats: DataStats, tokenizer: Any, cutoff_len: int, s
     per = ", ".join(f"{k} {v}" for k, v in stats.per_dataset.items())
     lines.append(f"records read:        {stats.records}" + (f" ({per})" if per else ""))
     lines.append(f"used for training:   {stats.used}")
-    lines += mix_table(stats.mix)
     lines.append(f"held out for eval:   {stats.eval_records}")
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.error_reasons.items()))
     lines.append(f"dropped for errors:  {stats.dropped_errors}" + (f" ({reasons})" if reasons else ""))
@@ -80,6 +79,7 @@ def report(data_path: Path, stats: DataStats, tokenizer: Any, cutoff_len: int, s
     lines.append(f"truncated:           {stats.truncated} (earlier turns dropped to fit)")
     frac = stats.supervised_tokens / max(stats.tokens, 1)
     lines.append(f"tokens:              {stats.tokens:,} ({stats.supervised_tokens:,} supervised, {frac:.1%})")
+    lines += mix_table(stats.mix)
     lines.append("")
     lines.append("record lengths (tokens):")
     lines += histogram(record_lengths(train), cutoff_len)  # from Arrow in bulk, not per record
