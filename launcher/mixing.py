@@ -96,7 +96,7 @@ def parse_size(size: str) -> tuple[str, float]:
 
 def _lf_probs(value: Any) -> list[float]:
     """LLaMA-Factory's ``interleave_probs``: "0.6,0.3,0.1" (its own format) or a list."""
-    items = value.split(",") if isinstance(value, str) else value
+    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, (int, float)) else value
     if not isinstance(items, (list, tuple)):
         raise ValueError(value)
     return [float(x) for x in items]
@@ -212,8 +212,10 @@ def mix_indices(sources: np.ndarray, lengths: np.ndarray, names: Sequence[str], 
         share = weights / weights.sum()
         empty = [names[i] for i in range(k) if share[i] > 0 and avail[i] == 0]
         if empty:
-            raise MixError(f"dataset(s) {', '.join(map(repr, empty))} have a weight but no usable training record "
-                           f"left (see the counts above): fix their records, or give them weight 0.")
+            raise MixError(f"dataset(s) {', '.join(map(repr, empty))} in dataset.names have a weight but no training "
+                           f"record left once bad or over-long records are dropped and dataset.val_size is held out: "
+                           f"fix their records (python -m launcher.inspect_data shows what was dropped and why), or "
+                           f"give them weight 0.")
         kind, value = parse_size(spec.size)
         pos = share > 0
         if kind == "under":

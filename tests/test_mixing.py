@@ -146,7 +146,7 @@ def test_the_draw_depends_on_the_seed_and_the_dataset_alone() -> None:
 
 def test_a_weighted_dataset_without_records_is_an_error() -> None:
     sources, lengths = arrays([50, 0, 20])
-    with pytest.raises(ValueError, match="'beta' have a weight but no usable training record"):
+    with pytest.raises(ValueError, match="'beta' in dataset.names have a weight but no training record"):
         mix_indices(sources, lengths, NAMES, MixSpec((1, 1, 1), "records", "under"), 0)
     idx, _ = mix_indices(sources, lengths, NAMES, MixSpec((1, 0, 1), "records", "under"), 0)
     assert counts(idx, sources, 3).tolist() == [20, 0, 20]
@@ -249,7 +249,8 @@ BAD = {
                       "give one weight per name, in the same order, e.g. dataset.weights=[1,1,1]."),
     "negative": (["dataset.weights=[0.6,-0.1,0.5]"],
                  "dataset.weights has negative weights (-0.1 for 'beta'): a weight is a share, 0 or more."),
-    "all zero": (["dataset.weights=[0,0,0]"], "dataset.weights are all 0: give at least one dataset a positive weight."),
+    "all zero": (["dataset.weights=[0,0,0]"],
+                 "dataset.weights are all 0: give at least one dataset a positive weight."),
     "unknown name": (["dataset.names=[alpha,betta,gamma]", "dataset.weights=[1,1,1]"],
                      "dataset.names: 'betta' not in {dir}/dataset_info.json, which has alpha, beta, gamma. Fix "
                      "dataset.names (and dataset.weights with it) or add the entry."),
