@@ -97,7 +97,7 @@ class DatasetConfig:
     # One weight per name (any scale: [6,3,1] = [0.6,0.3,0.1]); empty: every record once, nothing mixed.
     weights: list[float] = field(default_factory=list)
     mix_by: str = "records"  # what the weights are shares of: "records" or "tokens"
-    mix_size: Optional[str] = None  # "under" (None), "over", a count (records, or tokens by tokens), or "Nx"
+    mix_size: Optional[str] = None  # "under" (None), "over", a count (of mix_by's unit), or "Nx" (N × available)
     # LLaMA-Factory's spelling of the same (one or the other): "concat", "interleave_under", "interleave_over",
     # "interleave_once"; interleave_probs as "0.6,0.3,0.1" or a list.
     mix_strategy: Optional[str] = None

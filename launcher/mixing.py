@@ -14,9 +14,9 @@ Without weights every dataset keeps its natural share, so ``under`` and ``over``
 (every record once, nothing mixed) and ``N``/``Nx`` scale all datasets alike.
 
 A dataset that needs ``k.f`` times its records gets ``k`` full copies plus a random ``f`` of them, drawn from
-``(train.seed, dataset name)`` alone: the mix is the same on every run and for every world size (it is built in
-the launcher, before packing) and one dataset's draw does not change when another is added. Counts are exact (largest
-remainder rounding); by tokens, each dataset's share is met to within one record. The mix is built from the training
+``(train.seed, dataset name)`` and its count alone: the mix is the same on every run and for every world size (it is
+built in the launcher, before packing), and a dataset's draw does not change when another dataset's weight does.
+Counts are exact (largest remainder rounding); by tokens, each dataset's share is met to within one record. The mix is built from the training
 split only: the records ``dataset.val_size`` holds out are taken first, so no repeated record is both trained and
 evaluated.
 
