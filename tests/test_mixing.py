@@ -193,7 +193,7 @@ def test_ten_thousand_record_mix_end_to_end(folder: Path, tmp_path: Path, tokeni
     assert alpha_line.split()[:5] == ["alpha", "60.0%", f"{rows['alpha']['available']:,}", "6,000",
                                       f"{6000 / rows['alpha']['available']:.2f}×"]
 
-    # The same mix again, elsewhere: identical rows; LLaMA-Factory's spelling of it hits the same cache.
+    # The same mix again, in another cache: identical rows and row plan.
     out2, _, _ = prepare(dataclasses.replace(c, cache_dir=str(tmp_path / "b")), template(), tokenizer,
                          TOKENIZER_DIR, 42)
     assert datasets.load_from_disk(str(out2 / "train"))[:] == datasets.load_from_disk(str(out / "train"))[:]
