@@ -13,16 +13,14 @@ import sys
 from contextlib import AbstractContextManager
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from launcher.checkpoint import CheckpointError
-from launcher.config import Config
-
-if TYPE_CHECKING:
-    from launcher.planner import MemoryPlan, ModelShape
+from launcher.config import Config, resolve_path
+from launcher.planner import MemoryPlan, ModelShape
 
 # make_model(dtype, empty): the model with its fine-tuning method applied, master weights in ``dtype``; with
 # ``empty=True`` parameters stay on the meta device (a rank that receives its shard from rank 0).
@@ -154,6 +152,15 @@ def cli(name: str) -> str:
     """The CLI that sits next to this interpreter, so an un-activated venv works too."""
     path = Path(sys.executable).parent / name
     return str(path) if path.exists() else name
+
+
+def config_file_problems(key: str, value: str | None, what: str, where: str) -> list[str]:
+    """``backend.<key>``, the backend's own config file: set, and a file that exists."""
+    if not value:
+        return [f"backend.{key} is empty: name {what}."]
+    if not resolve_path(value).is_file():
+        return [f"backend.{key}={value!r} does not exist: use {where} or an absolute path."]
+    return []
 
 
 class BackendKind:

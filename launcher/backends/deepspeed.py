@@ -27,7 +27,7 @@ import torch
 from transformers import AutoConfig
 
 from launcher.backends.base import (BackendKind, MakeModel, ProcessGroupMixin, Reader, cli, collective_timeout,
-                                    load_pt, make_optimizer, trainable)
+                                    config_file_problems, load_pt, make_optimizer, trainable)
 from launcher.checkpoint import CheckpointError
 from launcher.config import Config, ConfigError, resolve_path
 from launcher.model import compute_dtype, model_dir
@@ -357,13 +357,9 @@ class DeepSpeed(BackendKind):
             leftover.unlink(missing_ok=True)
 
     def config_problems(self, cfg: Config) -> list[str]:
-        e = super().config_problems(cfg)
-        if not cfg.backend.ds_config:
-            e.append("backend.ds_config is empty: name a DeepSpeed JSON, e.g. backend=deepspeed_zero3.")
-        elif not resolve_path(cfg.backend.ds_config).is_file():
-            e.append(f"backend.ds_config={cfg.backend.ds_config!r} does not exist: use a file from ds_configs/ "
-                     f"or an absolute path.")
-        return e
+        return super().config_problems(cfg) + config_file_problems(
+            "ds_config", cfg.backend.ds_config, "a DeepSpeed JSON, e.g. backend=deepspeed_zero3",
+            "a file from ds_configs/")
 
     def check_config(self, cfg: Config, world_size: int) -> None:
         fill_ds_config(cfg, world_size)

@@ -13,10 +13,6 @@ the trained parameters) and ``scheduler.pt``. :class:`DcpReader` reads ``model/`
 On a machine without GPUs Accelerate forms a gloo process group but does not enable FSDP (it would train with each
 rank holding the whole model); torch FSDP2 itself works with gloo on CPU, so the plugin is installed by hand there.
 :meth:`FSDPBackend.build` checks that every parameter really is sharded, so this can never degrade silently.
-
-
-Accelerate is imported only inside the worker-side class: the launcher process imports this module for the
-command, the config checks and the memory model, and importing Accelerate costs seconds there.
 """
 
 from __future__ import annotations
@@ -29,16 +25,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from accelerate import Accelerator, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, fsdp2_apply_ac, fsdp2_prepare_model
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
 from launcher.backends.base import (BackendKind, MakeModel, ProcessGroupMixin, Reader, cli, clip_and_step,
-                                    collective_timeout, damaged, make_optimizer, trainable)
+                                    collective_timeout, config_file_problems, damaged, make_optimizer, trainable)
 from launcher.checkpoint import CheckpointError
 from launcher.config import Config, ConfigError, resolve_path
 from launcher.model import compute_dtype
@@ -68,9 +66,6 @@ def check_accelerate_config(path: Path) -> None:
 
 class FSDPBackend(ProcessGroupMixin):
     def __init__(self, cfg: Config):
-        from accelerate import Accelerator, FullyShardedDataParallelPlugin  # see the module docstring
-        from accelerate.utils import DistributedType, InitProcessGroupKwargs
-
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
             raise RuntimeError("backend=fsdp workers must be started by `accelerate launch` with an FSDP config "
                                "file; `python -m launcher backend=fsdp` does that.")
@@ -96,8 +91,6 @@ class FSDPBackend(ProcessGroupMixin):
         self.rank, self.world_size, self.device = self.acc.process_index, self.acc.num_processes, self.acc.device
 
     def build(self, make_model: MakeModel, total_steps: int) -> torch.nn.Module:
-        from accelerate.utils import fsdp2_apply_ac, fsdp2_prepare_model  # see the module docstring
-
         # float32 masters; with cpu_ram_efficient_loading only rank 0 reads the weights.
         empty = bool(self.plugin.cpu_ram_efficient_loading) and self.rank != 0
         model = make_model(torch.float32, empty)
@@ -229,13 +222,9 @@ class FSDP(BackendKind):
         return env
 
     def config_problems(self, cfg: Config) -> list[str]:
-        e = super().config_problems(cfg)
-        if not cfg.backend.accelerate_config:
-            e.append("backend.accelerate_config is empty: name an Accelerate config file, e.g. backend=fsdp.")
-        elif not resolve_path(cfg.backend.accelerate_config).is_file():
-            e.append(f"backend.accelerate_config={cfg.backend.accelerate_config!r} does not exist: use "
-                     f"accelerate_configs/fsdp2.yaml or an absolute path.")
-        return e
+        return super().config_problems(cfg) + config_file_problems(
+            "accelerate_config", cfg.backend.accelerate_config, "an Accelerate config file, e.g. backend=fsdp",
+            "accelerate_configs/fsdp2.yaml")
 
     def check_config(self, cfg: Config, world_size: int) -> None:
         check_accelerate_config(resolve_path(cfg.backend.accelerate_config))
