@@ -53,14 +53,18 @@ class VerificationError(Exception):
 @contextmanager
 def _child_env() -> Iterator[None]:
     """The environment the spawned interpreter starts with (it copies os.environ when it starts)."""
-    saved = dict(os.environ)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1))))
+    wanted = {"TOKENIZERS_PARALLELISM": "false",
+              "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() or 1)))}
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
     try:
         yield
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_verification(src: Source, mcfg: MergeConfig, folder: Path, plan: ExportPlan, log: Any = print) -> dict:
