@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from launcher.backends.base import Backend, BackendKind
     from launcher.config import Config
 
-_NOT_BACKENDS = {"base"}
+_NOT_BACKENDS = {"base"}  # every other module of this package is a backend, named as its file
 
 
 def names() -> list[str]:
