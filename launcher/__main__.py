@@ -1,7 +1,8 @@
 """``python -m launcher [overrides]``: compose and validate the config, prepare the data, spawn the workers.
 
 The launcher does everything that can fail on user input (config, model path, data) before any worker starts,
-then writes the resolved config into the run directory; workers read only that file.
+then writes into the run directory the config as the user composed it (``config.yaml``) and what it decided while
+starting (``run.json``, :mod:`launcher.runspec`: data paths, world, rendezvous); workers read only those files.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.config import Config, ConfigError, register_configs, to_object, validate
+from launcher.runspec import RunSpec
 
 register_configs()
 
@@ -45,11 +47,11 @@ def _cli(name: str) -> str:
     return str(path) if path.exists() else name
 
 
-def worker_command(cfg: Config, nproc: int) -> list[str]:
+def worker_command(cfg: Config, spec: RunSpec) -> list[str]:
     """The exact command that starts this node's workers."""
     if cfg.backend.name == "single":
-        return [sys.executable, "-m", "launcher.train", cfg.run_dir]
-    lc = cfg.launcher
+        return [sys.executable, "-m", "launcher.train", spec.run_dir]
+    lc, nproc = cfg.launcher, spec.nproc_per_node
     if cfg.backend.name == "fsdp":
         from launcher.config import resolve_path
         from launcher.model import compute_dtype
@@ -59,25 +61,25 @@ def worker_command(cfg: Config, nproc: int) -> list[str]:
         bf16 = compute_dtype(cfg.model) == torch.bfloat16
         # Everything that differs per run goes on the command line; the shipped file holds the FSDP2 settings.
         return [_cli("accelerate"), "launch", "--config_file", str(resolve_path(cfg.backend.accelerate_config)),
-                "--num_processes", str(nproc * lc.nnodes), "--num_machines", str(lc.nnodes),
-                "--machine_rank", str(lc.node_rank), "--main_process_ip", lc.master_addr,
-                "--main_process_port", str(lc.master_port), "--mixed_precision", "bf16" if bf16 else "no",
-                "--max_restarts", "0", "--module", "launcher.train", cfg.run_dir]
+                "--num_processes", str(spec.world_size), "--num_machines", str(spec.nnodes),
+                "--machine_rank", str(lc.node_rank), "--main_process_ip", spec.master_addr,
+                "--main_process_port", str(spec.master_port), "--mixed_precision", "bf16" if bf16 else "no",
+                "--max_restarts", "0", "--module", "launcher.train", spec.run_dir]
     cmd = [_cli("deepspeed"), "--num_gpus", str(nproc), "--master_addr",
-           lc.master_addr, "--master_port", str(lc.master_port), "--no_local_rank", "--log_level", "warning"]
-    if lc.nnodes > 1:
+           spec.master_addr, "--master_port", str(spec.master_port), "--no_local_rank", "--log_level", "warning"]
+    if spec.nnodes > 1:
         # Each node's launcher starts only its own workers: no ssh/pdsh between nodes.
-        cmd += ["--hostfile", str(deepspeed_hostfile(cfg, nproc)), "--no_ssh", "--num_nodes", str(lc.nnodes),
+        cmd += ["--hostfile", str(deepspeed_hostfile(spec)), "--no_ssh", "--num_nodes", str(spec.nnodes),
                 "--node_rank", str(lc.node_rank)]
-    return cmd + ["--module", "launcher.train", cfg.run_dir]
+    return cmd + ["--module", "launcher.train", spec.run_dir]
 
 
-def deepspeed_hostfile(cfg: Config, nproc: int) -> Path:
+def deepspeed_hostfile(spec: RunSpec) -> Path:
     """The hostfile `deepspeed --no_ssh` insists on for more than one node (without one it refuses with "Num nodes
     is >1 but no extra nodes available via hostfile"). With --no_ssh it only counts nodes and slots: the names are
     never contacted (rendezvous is master_addr:master_port), so placeholders do. Every node writes the same file."""
-    path = Path(cfg.run_dir) / "deepspeed_hostfile"
-    text = "".join(f"node{i} slots={nproc}\n" for i in range(cfg.launcher.nnodes))
+    path = Path(spec.run_dir) / "deepspeed_hostfile"
+    text = "".join(f"node{i} slots={spec.nproc_per_node}\n" for i in range(spec.nnodes))
     if not path.is_file() or path.read_text() != text:
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_text(text)
@@ -110,9 +112,9 @@ def quiet_libraries() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, instead of DeepSpeed warning that it guessed
 
 
-def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
-    """Everything before the workers: model files, data, the resolved config (checked against an earlier run's
-    when resuming in the same run directory)."""
+def prepare_run(cfg: Config, spec: RunSpec) -> None:
+    """Everything before the workers: model files, data, then config.yaml (checked against an earlier run's when
+    resuming in the same run directory) and run.json."""
     from launcher.backends import check_backend_config
     from launcher.checkpoint import resume_checkpoint
     from launcher.data import prepare
@@ -120,6 +122,7 @@ def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
     from launcher.packing import load_plan, plan_path
     from launcher.config import resolve_path
 
+    run_dir, world_size = Path(spec.run_dir), spec.world_size
     check_resumable(cfg, run_dir)
     ckpt = resume_checkpoint(cfg, run_dir, world_size)
     check_backend_config(cfg, world_size)
@@ -143,6 +146,7 @@ def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
 
     say(f"data report (statistics, samples with trained tokens marked): "
         f"{write_report(run_dir, data_path, stats, tokenizer, cfg.dataset.cutoff_len)}")
+    eval_path = None
     if cfg.eval.datasets:  # a validation dataset: prepared like training data, its "train" split is the eval set
         from dataclasses import replace
 
@@ -151,10 +155,8 @@ def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
             eval_path, estats, _ = prepare(eval_cfg, cfg.template, tokenizer, tok_dir, cfg.train.seed)
         say(f"eval data: {estats.used} records of {', '.join(cfg.eval.datasets)}, {estats.tokens:,} tokens "
             f"({estats.supervised_tokens:,} supervised): {eval_path}")
-        cfg.eval_data_path = str(eval_path)
-    cfg.data_path = str(data_path)
-    cfg.run_dir = str(run_dir)
     write_run_config(cfg, run_dir)
+    spec.with_data(data_path, eval_path).write()
     if ckpt is not None:
         say(f"resuming from {ckpt}")
 
@@ -185,7 +187,8 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
 
 
 def write_run_config(cfg: Config, run_dir: Path) -> None:
-    """Write the resolved config the workers read (atomically: a resumed run replaces the earlier one's)."""
+    """Write the composed config as the user wrote it, for the workers and for later resumes (atomically: a
+    resumed run replaces the earlier one's)."""
     path = run_dir / "config.yaml"
     tmp = path.with_suffix(".yaml.tmp")
     tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -348,29 +351,28 @@ def run(dcfg: DictConfig) -> int:
     check_available(cfg.model)  # before the memory planner, which reads the model's config.json
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     nproc = workers_per_node(cfg)
-    if cfg.launcher.master_port is None:
-        from launcher.preflight import free_port
+    lc = cfg.launcher
+    from launcher.preflight import free_port
 
-        cfg.launcher.master_port = free_port()
-    cfg.launcher.nproc_per_node = nproc  # workers check they formed a world of this size × nnodes
+    # Where this run happens (workers and rendezvous) goes into the run spec; the config stays as composed.
+    spec = RunSpec(run_dir=str(run_dir), nproc_per_node=nproc, nnodes=lc.nnodes, master_addr=lc.master_addr,
+                   master_port=free_port() if lc.master_port is None else lc.master_port)
     memory_plan = None
     if cfg.planner.enabled:  # before anything is prepared: a job that cannot fit stops here
         from launcher.planner import check_memory
 
         memory_plan = check_memory(cfg, nproc, say, refuse=not cfg.dry_run)
     if cfg.dry_run:
-        cfg.run_dir = str(run_dir)
-        print(shlex.join(worker_command(cfg, nproc)))
+        print(shlex.join(worker_command(cfg, spec)))
         return 0
     quiet_libraries()
     from launcher.preflight import prepare_once
 
     # Multi-node: the nodes meet and check each other first, then node 0 alone prepares the shared run directory.
-    nodes = prepare_once(cfg, nproc, run_dir,  # noqa: F841 (kept alive)
-                         lambda: prepare_run(cfg, run_dir, nproc * cfg.launcher.nnodes))
+    nodes = prepare_once(cfg, nproc, run_dir, lambda: prepare_run(cfg, spec))  # noqa: F841 (kept alive)
     if memory_plan is not None and cfg.launcher.node_rank == 0:
         (run_dir / "memory_plan.json").write_text(json.dumps(memory_plan, indent=1))
-    cmd = worker_command(cfg, nproc)
+    cmd = worker_command(cfg, spec)
     say(f"starting {nproc} worker(s) per node × {cfg.launcher.nnodes} node(s): {shlex.join(cmd)}")
     if cfg.backend.name == "single":
         from launcher.train import run as train_run
@@ -379,7 +381,7 @@ def run(dcfg: DictConfig) -> int:
         train_run(run_dir)
     else:
         rc, stop = spawn(cmd, worker_env(cfg, nproc))
-        remove_shm_buffers(cfg.launcher.master_addr, cfg.launcher.master_port)
+        remove_shm_buffers(spec.master_addr, spec.master_port)
     # (an earlier attempt's summary was removed when this one started)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     if summary.get("stopped") or (rc != 0 and stop is not None):

@@ -44,6 +44,7 @@ import torch
 
 from launcher.checkpoint import checkpoint_dirs, complete_checkpoints, is_complete, step_of
 from launcher.config import Config, ConfigError, MergeConfig, load_run_config
+from launcher.metrics.memory import MIB, lifetime_peak_rss
 
 MANIFEST = "manifest.json"
 # Fixed probe conversations for verification: the logits of the whole conversation are compared, the first
@@ -890,9 +891,7 @@ def _replace(tmp: Path, final: Path) -> None:
 
 
 def _peak_rss_mb() -> int:
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux reports KiB
+    return int(lifetime_peak_rss() / MIB)
 
 
 def _versions() -> dict[str, str]:

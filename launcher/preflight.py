@@ -12,8 +12,8 @@ Every node runs one launcher (``launcher.nnodes`` > 1, e.g. via slurm/train.sh).
    overrides), too few GPUs, a run directory that is not the same shared folder. The verdict names the node.
 2. a timed all-reduce among the launchers over gloo: every pair of nodes connects, so a firewall or a wrong
    network interface between two nodes fails here, with the time it took when it works.
-3. node 0 prepares the data and writes ``config.yaml`` (once, into the shared run directory) while the other
-   nodes wait for it, then every node starts its local workers.
+3. node 0 prepares the data and writes ``config.yaml`` and ``run.json`` (once, into the shared run directory)
+   while the other nodes wait for it, then every node starts its local workers.
 
 Inside the workers, :func:`check_ranks` repeats the all-reduce with the real backend (NCCL on GPUs) and prints
 which rank runs on which node, so "rank 5 failed first" can be read as a node name. Every collective after that
@@ -140,6 +140,7 @@ class NodeGroup:
         group = cls(store, rank, n, names, timeout)
 
         resolved = flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
+        resolved["launcher.nproc_per_node"] = nproc  # what None resolved to on this node must agree too
         for key in _PER_NODE_KEYS:
             resolved.pop(key, None)
         token = secrets.token_hex(8)
@@ -254,7 +255,7 @@ class NodeGroup:
 
     # ----------------------------------------------------------------------------------- data preparation
     def prepared(self, error: str | None = None) -> None:
-        """Node 0: the run directory holds config.yaml and the data (or preparing failed with ``error``)."""
+        """Node 0: the run directory holds config.yaml, run.json and the data (or preparing failed with ``error``)."""
         if error:
             self._tell("prepared", error)
         else:
@@ -287,7 +288,8 @@ class NodeGroup:
 
 
 def prepare_once(cfg: "Config", nproc: int, run_dir: Path, prepare: Callable[[], None]) -> NodeGroup | None:
-    """Run ``prepare`` (data, config.yaml) on node 0 only; the other nodes wait for it, after the preflight.
+    """Run ``prepare`` (data, config.yaml, run.json) on node 0 only; the other nodes wait for it, after the
+    preflight.
 
     On one node this is just ``prepare()``. Returns the node group, which the caller keeps until its workers
     are done (node 0's launcher serves the store the others use).
@@ -306,8 +308,7 @@ def prepare_once(cfg: "Config", nproc: int, run_dir: Path, prepare: Callable[[],
             raise
         group.prepared()
     else:
-        group.wait_prepared()
-        cfg.run_dir = str(run_dir)  # what node 0's prepare() filled in; the workers read the rest from config.yaml
+        group.wait_prepared()  # node 0 wrote config.yaml and run.json; the workers read them from there
     return group
 
 
