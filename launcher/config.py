@@ -7,11 +7,14 @@ problem into one :class:`ConfigError` instead of stopping at the first.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -326,10 +329,6 @@ def _choice(errors: list[str], key: str, value: Any, allowed: tuple[str, ...]) -
 
 def _qlora_problems(cfg: Config) -> list[str]:
     """QLoRA stores the frozen base in 4 bits with bitsandbytes kernels, which exist only for GPUs."""
-    import importlib.util
-
-    import torch
-
     if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
         return ["finetune.method=qlora needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes); "
                 "this machine has " + ("no CUDA GPU" if not torch.cuda.is_available() else "no bitsandbytes")
@@ -416,8 +415,6 @@ def validate_merge(m: MergeConfig) -> list[str]:
     e: list[str] = []
     _choice(e, "merge.dtype", m.dtype, ("auto", "float32", "bfloat16", "float16"))
     try:
-        from huggingface_hub import split_torch_state_dict_into_shards
-
         split_torch_state_dict_into_shards({}, max_shard_size=m.max_shard_size)  # the parser the export uses
     except ValueError:
         e.append(f"merge.max_shard_size={m.max_shard_size!r} is not a size: use e.g. 5GB, 500MB or 100KB.")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
 from launcher.templates import IGNORE_INDEX
@@ -318,8 +319,6 @@ def record_lengths(ds: Any, batch_size: int = 100_000) -> np.ndarray:
     """
     if "length" in ds.column_names:
         return ds.with_format("arrow")["length"].to_numpy().astype(np.int64)
-    import pyarrow.compute as pc
-
     ids = ds.select_columns(["input_ids"]).with_format("arrow")
     parts = [pc.list_value_length(b["input_ids"]).to_numpy() for b in ids.iter(batch_size=batch_size)]
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)

@@ -33,12 +33,13 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-if TYPE_CHECKING:
-    import torch.distributed
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
 
-    from launcher.config import Config
+from launcher.config import Config, flatten
 
 # Keys that legitimately differ between the nodes of one run.
 _PER_NODE_KEYS = ("launcher.node_rank",)
@@ -100,7 +101,7 @@ class NodeInfo:
 class NodeGroup:
     """The launchers of one multi-node run, met at node 0's TCPStore. Create with :meth:`join`."""
 
-    def __init__(self, store: "torch.distributed.TCPStore", rank: int, nnodes: int, names: list[str],
+    def __init__(self, store: dist.TCPStore, rank: int, nnodes: int, names: list[str],
                  timeout: float):
         self.store, self.rank, self.nnodes, self.timeout = store, rank, nnodes, timeout
         self.names = names if len(names) == nnodes else []
@@ -110,15 +111,9 @@ class NodeGroup:
 
     # ------------------------------------------------------------------------------------------- check in
     @classmethod
-    def join(cls, cfg: "Config", nproc: int, run_dir: Path) -> "NodeGroup":
+    def join(cls, cfg: Config, nproc: int, run_dir: Path) -> "NodeGroup":
         """Meet the other nodes and check them (steps 1 and 2 above); raises PreflightError naming the node at
         fault. Returns once every node is known to be fine."""
-        import torch
-        import torch.distributed as dist
-        from omegaconf import OmegaConf
-
-        from launcher.config import flatten
-
         lc = cfg.launcher
         rank, n, timeout = lc.node_rank, lc.nnodes, float(lc.preflight_timeout)
         names = slurm_node_names()
@@ -222,9 +217,6 @@ class NodeGroup:
 
     def _all_reduce(self, summary: str) -> None:
         """Every pair of launchers connects (gloo builds a full mesh) and sums a 16 MiB tensor, timed."""
-        import torch
-        import torch.distributed as dist
-
         numel = 4 << 20
         try:
             dist.init_process_group("gloo", store=dist.PrefixStore("allreduce", self.store), rank=self.rank,
@@ -287,7 +279,7 @@ class NodeGroup:
                                  f"failed or was killed; its error is in the job log.") from None
 
 
-def prepare_once(cfg: "Config", nproc: int, run_dir: Path, prepare: Callable[[], None]) -> NodeGroup | None:
+def prepare_once(cfg: Config, nproc: int, run_dir: Path, prepare: Callable[[], None]) -> NodeGroup | None:
     """Run ``prepare`` (data, config.yaml, run.json) on node 0 only; the other nodes wait for it, after the
     preflight.
 
@@ -351,12 +343,9 @@ def _read_mark(path: Path, patience: float = 5.0) -> str | None:
             time.sleep(0.5)
 
 
-def check_ranks(rank: int, world_size: int, device: "torch.device") -> None:
+def check_ranks(rank: int, world_size: int, device: torch.device) -> None:
     """Worker side, right after the process group exists: a timed all-reduce with the real backend (NCCL on GPUs)
     and the map of ranks to nodes, printed by rank 0."""
-    import torch
-    import torch.distributed as dist
-
     names: list[Any] = [None] * world_size
     dist.all_gather_object(names, this_node())
     t = torch.ones(4 << 20, device=device)  # 16 MiB of float32

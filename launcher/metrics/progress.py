@@ -10,6 +10,11 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from datasets.utils import tqdm as hf_tqdm
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
 def progress_mode(setting: str = "auto", stream: Any = None) -> str:
     """"bar" on a terminal, "lines" otherwise (Slurm logs, pipes, CI)."""
     if setting != "auto":
@@ -36,10 +41,6 @@ class Progress:
         self.start = self.last_line = time.time()
         self._bar = None
         if enabled and self.mode == "bar":
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
-
             self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                                      TextColumn("{task.fields[info]}"),
@@ -83,8 +84,6 @@ def library_progress(mode: str = "auto", every_s: float = 30.0, enabled: bool = 
     """While preparing data: keep the ``datasets`` progress bars (they have an ETA) on a terminal; elsewhere turn
     each bar into a plain line every ``every_s`` seconds and one when it completes, so a Slurm log gets a few
     readable lines instead of a carriage-return redraw per batch. ``enabled=False`` (other nodes) silences them."""
-    from datasets.utils import tqdm as hf_tqdm
-
     if enabled and progress_mode(mode, sys.stderr) == "bar":
         yield
         return

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import secrets
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import matplotlib
+from omegaconf import OmegaConf
 
 from launcher.metrics.memory import GIB
 
@@ -38,8 +42,7 @@ class WandbRun:
         w = cfg.logger.wandb
         self.mode = w.mode
         try:
-            import wandb
-            from omegaconf import OmegaConf
+            import wandb  # here, inside the try: a broken W&B install must not stop training either
 
             id_file = run_dir / "wandb_id"
             run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)
@@ -99,13 +102,9 @@ def format_summary(s: dict[str, Any]) -> list[str]:
 
 def plot_losses(metrics_path: Path, out: Path, title: str = "") -> Path:
     """Draw train loss per step (and eval loss where evaluated) from metrics.jsonl into a PNG."""
-    import logging
-
-    import matplotlib
-
     matplotlib.use("Agg")  # no display needed; also safe inside workers
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache notices in the run log
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the backend, which pyplot fixes when first imported
 
     train, evals = [], []
     for line in metrics_path.read_text().splitlines():
