@@ -21,6 +21,7 @@ import re
 
 import torch
 
+from launcher.packing import count_tokens
 from launcher.templates import IGNORE_INDEX
 
 # Peak dense (no 2:4 sparsity) bf16 tensor-core FLOP/s per device, from the vendors' data sheets. Keys are matched
@@ -115,12 +116,10 @@ class FlopCounter:
         return 4 * self.linear + 2 * self.linear_trainable
 
     def batch(self, batch: dict[str, torch.Tensor], pad_id: int) -> tuple[float, int]:
-        """(model FLOPs, real tokens) of one micro-batch; trailing padding counts for neither."""
-        real = real_token_mask(batch, pad_id)
-        n_real, context = torch.stack([real.sum(), ((batch["position_ids"] + 1) * real).sum()]).tolist()
-        if "num_tokens" in batch:  # collate counts the real tokens itself
-            n_real = int(batch["num_tokens"])
-        return float(self.per_token_matmul() * n_real + self.attn_coeff * context), int(n_real)
+        """(model FLOPs, real tokens) of one collated micro-batch; trailing padding counts for neither."""
+        n_real = count_tokens(batch).tokens
+        context = float(((batch["position_ids"] + 1) * real_token_mask(batch, pad_id)).sum())
+        return float(self.per_token_matmul() * n_real + self.attn_coeff * context), n_real
 
 
 def real_token_mask(batch: dict[str, torch.Tensor], pad_id: int) -> torch.Tensor:
