@@ -101,7 +101,8 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from launcher.__main__ import quiet_libraries, worker_env
+    from launcher.__main__ import quiet_libraries
+    from launcher.backends import backend_for
     from launcher.config import register_configs, to_object, validate
     from launcher.data import prepare
     from launcher.model import load_tokenizer, materialize
@@ -127,13 +128,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        RunSpec(run_dir=str(run_dir), nproc_per_node=args.nproc, data_path=str(packed_data)).write()
+        RunSpec(run_dir=str(run_dir), nproc_per_node=args.nproc, world_size=args.nproc,
+                data_path=str(packed_data)).write()
         ds_cli = Path(sys.executable).parent / "deepspeed"
         cmd = [str(ds_cli), "--num_gpus", str(args.nproc), "--master_port", str(free_port()), "--no_local_rank",
                "--log_level", "warning", __file__, "--worker", str(run_dir), str(base_data), str(base_mbs),
                str(args.rounds), str(args.block)]
         t0 = time.time()
-        r = subprocess.run(cmd, cwd=ROOT, env=worker_env(cfg, args.nproc), capture_output=True, text=True)
+        env = backend_for(cfg).worker_env(cfg, args.nproc)
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if r.returncode != 0:
             sys.exit(f"workers failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
         totals = json.loads((run_dir / "bench.json").read_text())

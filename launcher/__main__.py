@@ -21,6 +21,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from launcher.backends import backend_for
 from launcher.config import Config, ConfigError, register_configs, to_object, validate
 from launcher.runspec import RunSpec
 
@@ -31,73 +32,6 @@ def say(msg: str) -> None:
     print(f"[launcher] {msg}", file=sys.stderr, flush=True)
 
 
-def workers_per_node(cfg: Config) -> int:
-    if cfg.backend.name == "single":
-        return 1
-    if cfg.launcher.nproc_per_node:
-        return cfg.launcher.nproc_per_node
-    import torch
-
-    return torch.cuda.device_count() or 2
-
-
-def _cli(name: str) -> str:
-    """The CLI that sits next to this interpreter, so an un-activated venv works too."""
-    path = Path(sys.executable).parent / name
-    return str(path) if path.exists() else name
-
-
-def worker_command(cfg: Config, spec: RunSpec) -> list[str]:
-    """The exact command that starts this node's workers."""
-    if cfg.backend.name == "single":
-        return [sys.executable, "-m", "launcher.train", spec.run_dir]
-    lc, nproc = cfg.launcher, spec.nproc_per_node
-    if cfg.backend.name == "fsdp":
-        from launcher.config import resolve_path
-        from launcher.model import compute_dtype
-
-        import torch
-
-        bf16 = compute_dtype(cfg.model) == torch.bfloat16
-        # Everything that differs per run goes on the command line; the shipped file holds the FSDP2 settings.
-        return [_cli("accelerate"), "launch", "--config_file", str(resolve_path(cfg.backend.accelerate_config)),
-                "--num_processes", str(spec.world_size), "--num_machines", str(spec.nnodes),
-                "--machine_rank", str(lc.node_rank), "--main_process_ip", spec.master_addr,
-                "--main_process_port", str(spec.master_port), "--mixed_precision", "bf16" if bf16 else "no",
-                "--max_restarts", "0", "--module", "launcher.train", spec.run_dir]
-    cmd = [_cli("deepspeed"), "--num_gpus", str(nproc), "--master_addr",
-           spec.master_addr, "--master_port", str(spec.master_port), "--no_local_rank", "--log_level", "warning"]
-    if spec.nnodes > 1:
-        # Each node's launcher starts only its own workers: no ssh/pdsh between nodes.
-        cmd += ["--hostfile", str(deepspeed_hostfile(spec)), "--no_ssh", "--num_nodes", str(spec.nnodes),
-                "--node_rank", str(lc.node_rank)]
-    return cmd + ["--module", "launcher.train", spec.run_dir]
-
-
-def deepspeed_hostfile(spec: RunSpec) -> Path:
-    """The hostfile `deepspeed --no_ssh` insists on for more than one node (without one it refuses with "Num nodes
-    is >1 but no extra nodes available via hostfile"). With --no_ssh it only counts nodes and slots: the names are
-    never contacted (rendezvous is master_addr:master_port), so placeholders do. Every node writes the same file."""
-    path = Path(spec.run_dir) / "deepspeed_hostfile"
-    text = "".join(f"node{i} slots={spec.nproc_per_node}\n" for i in range(spec.nnodes))
-    if not path.is_file() or path.read_text() != text:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return path
-
-
-def worker_env(cfg: Config, nproc: int) -> dict[str, str]:
-    env = dict(os.environ)
-    threads = cfg.launcher.omp_num_threads or max(1, (os.cpu_count() or 1) // nproc)
-    # Without this each CPU worker starts one thread per core and they fight (≈15× slower on 2 cores).
-    env.setdefault("OMP_NUM_THREADS", str(threads))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Accelerate would quietly turn FSDP into DDP with this set; the FSDP backend works on CPU without it.
-    env.pop("ACCELERATE_USE_CPU", None)
-    return env
-
-
 def quiet_libraries() -> None:
     """Progress bars of library internals (shard writing, Arrow saving) are noise in a launcher's log."""
     import datasets
@@ -106,16 +40,11 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, instead of DeepSpeed warning that it guessed
 
 
 def prepare_run(cfg: Config, spec: RunSpec) -> None:
     """Everything before the workers: model files, data, then config.yaml (checked against an earlier run's when
     resuming in the same run directory) and run.json."""
-    from launcher.backends import check_backend_config
     from launcher.checkpoint import resume_checkpoint
     from launcher.data import prepare
     from launcher.model import load_tokenizer, materialize
@@ -125,7 +54,7 @@ def prepare_run(cfg: Config, spec: RunSpec) -> None:
     run_dir, world_size = Path(spec.run_dir), spec.world_size
     check_resumable(cfg, run_dir)
     ckpt = resume_checkpoint(cfg, run_dir, world_size)
-    check_backend_config(cfg, world_size)
+    backend_for(cfg).check_config(cfg, world_size)
     materialize(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     tok_dir = resolve_path(cfg.model.name_or_path)
@@ -294,13 +223,6 @@ def spawn(cmd: list[str], env: dict[str, str]) -> tuple[int, int | None]:
     return rc, (received[0] if received else None)
 
 
-def remove_shm_buffers(addr: str, port: int | None) -> None:
-    """Delete the shared-memory all-reduce buffers DeepSpeed's CPU backend leaves in /dev/shm (66 MiB per rank,
-    held in RAM until deleted). They are named after the rendezvous address and port, so only this job's go."""
-    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_*"):
-        leftover.unlink(missing_ok=True)
-
-
 def report_failure(run_dir: Path, rc: int) -> None:
     """Name the rank that failed first (later failures are usually other ranks losing contact with it)."""
     errors = []
@@ -350,12 +272,14 @@ def run(dcfg: DictConfig) -> int:
 
     check_available(cfg.model)  # before the memory planner, which reads the model's config.json
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
-    nproc = workers_per_node(cfg)
+    backend = backend_for(cfg)
+    nproc = backend.workers_per_node(cfg)
     lc = cfg.launcher
     from launcher.preflight import free_port
 
     # Where this run happens (workers and rendezvous) goes into the run spec; the config stays as composed.
-    spec = RunSpec(run_dir=str(run_dir), nproc_per_node=nproc, nnodes=lc.nnodes, master_addr=lc.master_addr,
+    spec = RunSpec(run_dir=str(run_dir), nproc_per_node=nproc, nnodes=lc.nnodes,
+                   world_size=backend.world_size(cfg, nproc), master_addr=lc.master_addr,
                    master_port=free_port() if lc.master_port is None else lc.master_port)
     memory_plan = None
     if cfg.planner.enabled:  # before anything is prepared: a job that cannot fit stops here
@@ -363,7 +287,7 @@ def run(dcfg: DictConfig) -> int:
 
         memory_plan = check_memory(cfg, nproc, say, refuse=not cfg.dry_run)
     if cfg.dry_run:
-        print(shlex.join(worker_command(cfg, spec)))
+        print(shlex.join(backend.worker_command(cfg, spec)))
         return 0
     quiet_libraries()
     from launcher.preflight import prepare_once
@@ -372,16 +296,16 @@ def run(dcfg: DictConfig) -> int:
     nodes = prepare_once(cfg, nproc, run_dir, lambda: prepare_run(cfg, spec))  # noqa: F841 (kept alive)
     if memory_plan is not None and cfg.launcher.node_rank == 0:
         (run_dir / "memory_plan.json").write_text(json.dumps(memory_plan, indent=1))
-    cmd = worker_command(cfg, spec)
+    cmd = backend.worker_command(cfg, spec)
     say(f"starting {nproc} worker(s) per node × {cfg.launcher.nnodes} node(s): {shlex.join(cmd)}")
-    if cfg.backend.name == "single":
+    if backend.in_process:
         from launcher.train import run as train_run
 
         rc, stop = 0, None
         train_run(run_dir)
     else:
-        rc, stop = spawn(cmd, worker_env(cfg, nproc))
-        remove_shm_buffers(spec.master_addr, spec.master_port)
+        rc, stop = spawn(cmd, backend.worker_env(cfg, nproc))
+        backend.after_workers(cfg, spec)
     # (an earlier attempt's summary was removed when this one started)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     if summary.get("stopped") or (rc != 0 and stop is not None):

@@ -28,14 +28,11 @@ class RunSpec:
     run_dir: str  # absolute; config.yaml, run.json, checkpoints/, metrics.jsonl live here
     nproc_per_node: int  # workers per node (launcher.nproc_per_node, or one per GPU, or 2 on a CPU-only machine)
     nnodes: int = 1
+    world_size: int = 1  # ranks the workers must form (the backend's count: nproc_per_node × nnodes, or 1)
     master_addr: str = "127.0.0.1"
     master_port: int = 0  # the workers' rendezvous (launcher.master_port, or a free port on one node)
     data_path: str = ""  # prepared training data: train/ (and eval/ with dataset.val_size), with their row plans
     eval_data_path: str = ""  # prepared validation set (eval.datasets); "": data_path's eval split, if any
-
-    @property
-    def world_size(self) -> int:
-        return self.nproc_per_node * self.nnodes
 
     def with_data(self, data_path: Path, eval_data_path: Path | None = None) -> "RunSpec":
         """This spec with the prepared data's locations filled in."""

@@ -166,7 +166,8 @@ def test_the_run_keeps_the_config_as_composed_and_its_facts_in_run_json(tmp_path
 def test_a_run_spec_round_trips(tmp_path: Path) -> None:
     from launcher.runspec import RunSpec, load_run_spec
 
-    spec = RunSpec(run_dir=str(tmp_path), nproc_per_node=4, nnodes=2, master_addr="n1", master_port=29500)
+    spec = RunSpec(run_dir=str(tmp_path), nproc_per_node=4, nnodes=2, world_size=8, master_addr="n1",
+                   master_port=29500)
     spec.with_data(tmp_path / "data").write()
     back = load_run_spec(tmp_path)
     assert back == spec.with_data(tmp_path / "data") and back.world_size == 8
