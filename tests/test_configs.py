@@ -68,6 +68,8 @@ def test_lora_settings_are_checked_before_any_worker() -> None:
     ("optimizer.lr=abc", "optimizer.lr"),
     ("model=nope", "tiny_llama"),  # Hydra lists the available options
     ("train.max_stpes=3", "max_stpes"),
+    ("+train.foo=1", "Key 'foo' not in 'TrainerConfig'"),  # Hydra's append syntax: refused like a typo
+    ("+bar=1", "Key 'bar' not in 'Config'"),
 ])
 def test_cli_mistakes_name_the_key(override: str, needle: str, tmp_path: Path) -> None:
     r = run_launcher(override, f"output_dir={tmp_path}", timeout=120)
@@ -82,6 +84,18 @@ def test_validation_error_is_one_paragraph_and_leaves_nothing(tmp_path: Path) ->
     assert "optimizer.lr=-1" in r.stderr and "train.micro_batch_size=0" in r.stderr
     assert "Traceback" not in r.stderr
     assert not any(tmp_path.rglob("config.yaml")), "a rejected run must not leave a run directory"
+
+
+def test_optimizer_ranges_are_checked_before_any_worker() -> None:
+    obj = to_object(_compose("optimizer.betas=[0.9,1.0]", "optimizer.eps=0", "optimizer.weight_decay=-0.1",
+                             "optimizer.min_lr_ratio=-1", "optimizer.warmup_ratio=1.5", "optimizer.max_grad_norm=-1"))
+    with pytest.raises(ConfigError) as err:
+        validate(obj)
+    msg = str(err.value)
+    for key in ("optimizer.betas=[0.9, 1.0]", "optimizer.eps=0", "optimizer.weight_decay=-0.1",
+                "optimizer.min_lr_ratio=-1", "optimizer.warmup_ratio=1.5", "optimizer.max_grad_norm=-1"):
+        assert key in msg, (key, msg)
+    validate(to_object(_compose("optimizer.betas=[0.0,0.95]", "optimizer.min_lr_ratio=1", "optimizer.weight_decay=0")))
 
 
 def test_cfg_job_prints_the_composed_config() -> None:
