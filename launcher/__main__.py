@@ -62,14 +62,14 @@ def worker_command(cfg: Config, nproc: int) -> list[str]:
                 "--num_processes", str(nproc * lc.nnodes), "--num_machines", str(lc.nnodes),
                 "--machine_rank", str(lc.node_rank), "--main_process_ip", lc.master_addr,
                 "--main_process_port", str(lc.master_port), "--mixed_precision", "bf16" if bf16 else "no",
-                "--max_restarts", "0", "--module", "launcher.train", cfg.run_dir]
+                "--max_restarts", "0", "--module", "launcher.worker", cfg.run_dir]
     cmd = [_cli("deepspeed"), "--num_gpus", str(nproc), "--master_addr",
            lc.master_addr, "--master_port", str(lc.master_port), "--no_local_rank", "--log_level", "warning"]
     if lc.nnodes > 1:
         # Each node's launcher starts only its own workers: no ssh/pdsh between nodes.
         cmd += ["--hostfile", str(deepspeed_hostfile(cfg, nproc)), "--no_ssh", "--num_nodes", str(lc.nnodes),
                 "--node_rank", str(lc.node_rank)]
-    return cmd + ["--module", "launcher.train", cfg.run_dir]
+    return cmd + ["--module", "launcher.worker", cfg.run_dir]  # each rank's supervisor: launcher/worker.py
 
 
 def deepspeed_hostfile(cfg: Config, nproc: int) -> Path:
@@ -93,6 +93,7 @@ def worker_env(cfg: Config, nproc: int) -> dict[str, str]:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Accelerate would quietly turn FSDP into DDP with this set; the FSDP backend works on CPU without it.
     env.pop("ACCELERATE_USE_CPU", None)
+    env["LAUNCHER_PID"] = str(os.getpid())  # the ranks' supervisors end them if this process dies
     return env
 
 
@@ -291,27 +292,12 @@ def spawn(cmd: list[str], env: dict[str, str]) -> tuple[int, int | None]:
     return rc, (received[0] if received else None)
 
 
-def remove_shm_buffers(addr: str, port: int | None) -> None:
-    """Delete the shared-memory all-reduce buffers DeepSpeed's CPU backend leaves in /dev/shm (66 MiB per rank,
-    held in RAM until deleted). They are named after the rendezvous address and port, so only this job's go."""
-    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_*"):
-        leftover.unlink(missing_ok=True)
-
-
 def report_failure(run_dir: Path, rc: int) -> None:
     """Name the rank that failed first (later failures are usually other ranks losing contact with it)."""
-    errors = []
-    for f in sorted((run_dir / "errors").glob("rank-*.txt")):
-        stamp, _, trace = f.read_text().partition("\n")
-        errors.append((float(stamp), f, trace.strip().splitlines()[-1] if trace.strip() else "?"))
-    if errors:
-        _, f, last = min(errors)
-        rank = f.stem.split("-")[1]
-        say(f"workers failed (exit code {rc}); rank {rank} failed first: {last}")
-        say(f"its full traceback is above and in {f}")
-    else:
-        say(f"workers failed with exit code {rc} (a worker was killed or crashed without a Python error; "
-            f"see above)")
+    from launcher.failures import failure_report
+
+    for line in failure_report(run_dir, rc):
+        say(line)
     say(f"run directory: {run_dir}")
 
 
@@ -378,6 +364,8 @@ def run(dcfg: DictConfig) -> int:
         rc, stop = 0, None
         train_run(run_dir)
     else:
+        from launcher.worker import remove_shm_buffers
+
         rc, stop = spawn(cmd, worker_env(cfg, nproc))
         remove_shm_buffers(cfg.launcher.master_addr, cfg.launcher.master_port)
     # (an earlier attempt's summary was removed when this one started)

@@ -26,6 +26,7 @@ from launcher.backends import Backend, make_backend
 from launcher.checkpoint import StopRequest, complete_checkpoints, resume, save_checkpoint
 from launcher.config import Config, load_run_config
 from launcher.evaluate import Evaluator
+from launcher.failures import lost_peer, write_record
 from launcher.metrics import MetricsLogger
 from launcher.model import apply_finetune, load_model, load_tokenizer
 from launcher.packing import (ISOLATING_ATTENTION, LEAK_TOLERANCE, RowLoader, RowPlan, isolation_leak, load_plan,
@@ -243,14 +244,19 @@ def main(argv: list[str] | None = None) -> None:
     faulthandler.enable()  # a rank killed by a native crash (SIGSEGV, SIGABRT) still shows where it was
     try:
         run(args[0])
-    except (Exception, SystemExit) as err:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:  # BaseException: DCP's CheckpointException is one
         if isinstance(err, SystemExit) and not isinstance(err.code, str):
             raise  # a bare exit status: the rank that explains it has a message of its own
         # Every rank's output is interleaved on the console; this file lets the launcher name the first failure.
-        err_dir = Path(args[0]) / "errors"
-        err_dir.mkdir(exist_ok=True)
-        text = err.code if isinstance(err, SystemExit) else traceback.format_exc()
-        (err_dir / f"rank-{os.environ.get('RANK', '0')}.txt").write_text(f"{time.time()}\n{text}")
+        rank = os.environ.get("RANK", "0")
+        if lost_peer(err):  # a consequence of another rank's failure: one line here, the cause is named there
+            write_record(args[0], rank, "peer_lost", f"{type(err).__name__}: {str(err).strip()}")
+            print(f"[rank{rank}] stopped: another rank vanished ({type(err).__name__}: {str(err).strip()[:160]})",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        write_record(args[0], rank, "error", err.code if isinstance(err, SystemExit) else traceback.format_exc())
         raise
 
 

@@ -111,7 +111,7 @@ def test_dry_run_prints_the_deepspeed_command(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip().splitlines()[-1]
     assert line.split()[0].endswith("deepspeed") and line.split()[1:3] == ["--num_gpus", "2"]
-    assert "--module launcher.train " in line
+    assert "--module launcher.worker " in line
     assert not any(tmp_path.rglob("config.yaml")), "a dry run writes nothing"
 
 

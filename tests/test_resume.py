@@ -126,21 +126,47 @@ def test_resuming_with_other_training_settings_is_refused(tmp_path_factory, tmp_
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("backend", ["fsdp"])  # deepspeed: tests/test_train_integration.py (a raising rank)
-def test_a_killed_rank_ends_the_job(tmp_path: Path, backend: str) -> None:
+def test_a_killed_rank_ends_the_job_and_is_named(tmp_path: Path) -> None:
+    """kill -9 of rank 1's training process (FSDP, via accelerate/torchrun; DeepSpeed: a raising rank in
+    tests/test_train_integration.py): the job ends within seconds, nothing is left, rank 1 is named with the
+    signal, and rank 0, which failed only because its peer vanished, is one line, not a traceback."""
     run_dir = tmp_path / "run"
-    proc = _start(f"backend={backend}", "launcher.nproc_per_node=2", "train.max_steps=500", "train.log_every=1",
+    proc = _start("backend=fsdp", "launcher.nproc_per_node=2", "train.max_steps=500", "train.log_every=1",
                   "dataset.cutoff_len=128", f"hydra.run.dir={run_dir}")
     seen: dict[int, psutil.Process] = {}
     _wait_for_step(proc, run_dir, 1, seen)
-    victim = next(p for p in seen.values() if "launcher.train" in " ".join(p.cmdline()))
+    victim = next(p for p in seen.values() if p.cmdline()[-3:-1] == ["-m", "launcher.train"]
+                  and p.environ().get("RANK") == "1")
     victim.kill()
     t0 = time.time()
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode not in (0, 75), out[-3000:]
     assert time.time() - t0 < 60, f"took {time.time() - t0:.0f}s to notice"
-    assert "workers failed" in out
+    assert "rank 1 failed first: killed by SIGKILL (9)" in out, out[-3000:]
+    assert "rank 0 then stopped because a peer vanished" in out
+    assert f'File "{ROOT / "launcher"}' not in out, "no rank prints a traceback"  # (accelerate's CLI does)
     assert not _alive(seen), _alive(seen)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_workers_end_when_their_launcher_dies(tmp_path: Path) -> None:
+    """kill -9 of the launcher: its ranks (behind the deepspeed CLI) end within seconds and remove their
+    /dev/shm buffers."""
+    run_dir = tmp_path / "run"
+    proc = _start("backend=deepspeed_zero3", "launcher.nproc_per_node=2", "train.max_steps=500",
+                  "train.log_every=1", "dataset.cutoff_len=128", f"hydra.run.dir={run_dir}")
+    seen: dict[int, psutil.Process] = {}
+    _wait_for_step(proc, run_dir, 1, seen)
+    port = next(p.environ()["MASTER_PORT"] for p in seen.values() if "launcher.train" in p.cmdline())
+    assert list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")), "the test needs shm buffers"
+    proc.kill()
+    proc.communicate(timeout=60)
+    end = time.time() + 60
+    while _alive(seen) and time.time() < end:
+        time.sleep(0.2)
+    assert not _alive(seen), _alive(seen)
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def test_only_complete_checkpoints_count(tmp_path: Path) -> None:
@@ -198,3 +224,23 @@ def test_a_stop_signal_is_seen_by_every_rank() -> None:
     finally:
         stop.close()
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+
+
+def test_failure_report_survives_empty_and_garbled_error_files(tmp_path: Path) -> None:
+    from launcher.failures import failure_report, write_record
+
+    errors = tmp_path / "errors"
+    errors.mkdir()
+    (errors / "rank-0.txt").write_text("")  # a full disk: created, nothing written
+    (errors / "rank-2.txt").write_bytes(b"not-a-time \xff\nValueError: x")
+    assert failure_report(tmp_path, 1)[0].startswith("workers failed (exit code 1); rank ")
+    # The first rank that failed by itself is named, not one that only lost its peer, whatever the order.
+    shutil.rmtree(errors)
+    write_record(tmp_path, "0", "peer_lost", "RuntimeError: Connection reset by peer", when=1.0)
+    write_record(tmp_path, "1", "signal", "killed by SIGKILL (9): kill -9", when=2.0)
+    write_record(tmp_path, "1", "error", "later, ignored", when=3.0)  # the first record of a rank stays
+    lines = failure_report(tmp_path, 137)
+    assert lines[0] == "workers failed (exit code 137); rank 1 failed first: killed by SIGKILL (9): kill -9"
+    assert lines[1].startswith("rank 0 then stopped because a peer vanished")
+    shutil.rmtree(errors)
+    assert "killed by SIGKILL (9)" in failure_report(tmp_path, -9)[0]  # no records at all
