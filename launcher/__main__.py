@@ -6,6 +6,7 @@ then writes the resolved config into the run directory; workers read only that f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -21,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.config import Config, ConfigError, register_configs, to_object, validate
+from launcher.rundir import RunDirBusy, entries, hold_run_dir, remove_created
 
 register_configs()
 
@@ -169,15 +171,15 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
     if not path.exists():
         return
     if cfg.resume == "never":
-        raise ConfigError(f"{run_dir} already holds a run and resume=never: start a new run (leave out "
-                          f"hydra.run.dir) or pass resume=auto to continue this one.")
+        raise ConfigError(f"{run_dir} already holds a run and resume=never: pass another hydra.run.dir (or none, "
+                          f"for a new timestamped one), or resume=auto to continue this run.")
     breaking, harmless = config_changes(OmegaConf.to_container(OmegaConf.load(path)),
                                         OmegaConf.to_container(OmegaConf.structured(cfg)))
     if breaking:
         raise ConfigError(
             f"{path} was written by an earlier run with other settings, so this run could not continue it "
-            f"exactly:\n  - " + "\n  - ".join(breaking) + "\nUse the earlier values, or start a new run "
-            f"(leave out hydra.run.dir).")
+            f"exactly:\n  - " + "\n  - ".join(breaking) + "\nUse the earlier values, or start a new run in "
+            f"another hydra.run.dir (or none, for a new timestamped one).")
     for line in harmless:
         if not line.startswith("launcher."):  # ports and node addresses differ from start to start anyway
             say(f"changed since the last start: {line}")
@@ -394,24 +396,25 @@ def main(dcfg: DictConfig) -> None:
     from launcher.templates import TemplateError
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    fresh = not (run_dir / "config.yaml").exists()
+    before = entries(run_dir)
+    # Only node 0 locks and tidies up: the other nodes of a multi-node run share its run directory.
+    node0 = OmegaConf.select(dcfg, "launcher.node_rank", default=0, throw_on_resolution_failure=False) in (0, None)
     try:
-        rc = run(dcfg)
-    except (ConfigError, DataError, TemplateError) as err:
+        with hold_run_dir(run_dir) if node0 else contextlib.nullcontext():
+            fresh = not (run_dir / "config.yaml").exists()
+            try:
+                rc = run(dcfg)
+            except (ConfigError, DataError, TemplateError) as err:
+                say(f"error: {err}")
+                rc = 2
+            except PreflightError as err:
+                say(f"preflight failed: {err}")
+                rc = 3
+            if fresh and node0 and (rc == 2 or dcfg.get("dry_run")):
+                remove_created(run_dir, before, Path(dcfg.output_dir).resolve())  # no half-made run directory
+    except RunDirBusy as err:
         say(f"error: {err}")
         rc = 2
-    except PreflightError as err:
-        say(f"preflight failed: {err}")
-        rc = 3
-    # Only node 0 may tidy up: the other nodes of a multi-node run share its run directory.
-    node0 = OmegaConf.select(dcfg, "launcher.node_rank", default=0, throw_on_resolution_failure=False) in (0, None)
-    if fresh and node0 and (rc == 2 or dcfg.get("dry_run")):
-        shutil.rmtree(run_dir, ignore_errors=True)  # a rejected or dry run leaves no half-made run directory
-        out_root = Path(dcfg.output_dir).resolve()
-        for parent in run_dir.resolve().parents:  # nor the empty outputs/<name>/ folders above it
-            if out_root not in parent.parents or any(parent.iterdir()):
-                break
-            parent.rmdir()
     sys.exit(rc)
 
 

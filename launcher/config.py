@@ -281,6 +281,9 @@ def register_configs() -> None:
     """Register the schema that conf/config.yaml extends: each group's YAML is merged into its typed field, so
     an unknown key or a wrong type in any group file or override fails at composition."""
     ConfigStore.instance().store(name="config_schema", node=Config)
+    from launcher.rundir import register_resolver
+
+    register_resolver()  # ${unique_dir:...} in conf/config.yaml's hydra.run.dir
 
 
 def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
