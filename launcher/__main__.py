@@ -364,7 +364,13 @@ def run(dcfg: DictConfig) -> int:
         from launcher.train import run as train_run
 
         rc, stop = 0, None
-        train_run(run_dir)
+        try:
+            train_run(run_dir)
+        except SystemExit as err:  # a message for the user (disk full, non-finite loss): no traceback
+            if not isinstance(err.code, str):
+                raise
+            say(f"error: {err.code}")
+            return 1
     else:
         from launcher.worker import remove_shm_buffers
 

@@ -38,6 +38,8 @@ complete checkpoint and reproduces the per-step losses of an uninterrupted run e
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
@@ -46,7 +48,7 @@ import shutil
 import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -60,6 +62,7 @@ if TYPE_CHECKING:
 # workers stopped on SIGTERM/SIGUSR1 (a checkpoint was saved, or no progress was lost): requeue and resume.
 STOPPED_EXIT_CODE = 75
 COMPLETE = "COMPLETE"
+FULL_DISK_BYTES = 64 << 20  # a save that fails with less than this free on its filesystem failed for lack of space
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -185,18 +188,20 @@ def save_checkpoint(backend: Backend, model: torch.nn.Module, run_dir: Path, sta
     """Write ``checkpoints/step-N`` atomically: into a temporary directory, then one rename, then prune."""
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step-{state.step}", root / f".tmp-step-{state.step}"
+    with _space_checked(tmp, run_dir, state.step):
+        if backend.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        backend.barrier()
+        backend.save(tmp)
+        torch.save(rng_state(), tmp / "rng" / f"rank-{backend.rank}.pt")
+        backend.barrier()
+        if backend.rank == 0:
+            if (adapter := _adapter_config(model)) is not None:
+                adapter.save_pretrained(tmp)
+            (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+            (tmp / COMPLETE).write_text(str(state.step))
     if backend.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
-    backend.barrier()
-    backend.save(tmp)
-    torch.save(rng_state(), tmp / "rng" / f"rank-{backend.rank}.pt")
-    backend.barrier()
-    if backend.rank == 0:
-        if (adapter := _adapter_config(model)) is not None:
-            adapter.save_pretrained(tmp)
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
-        (tmp / COMPLETE).write_text(str(state.step))
         if final.exists():  # only when re-saving a step after a resume; the new one is as good
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -205,6 +210,53 @@ def save_checkpoint(backend: Backend, model: torch.nn.Module, run_dir: Path, sta
             shutil.rmtree(old, ignore_errors=True)
     backend.barrier()
     return final
+
+
+@contextlib.contextmanager
+def _space_checked(tmp: Path, run_dir: Path, step: int) -> Iterator[None]:
+    """A save that fails for lack of space removes its partial directory and stops with a message that names
+    the directory, the bytes needed and the bytes free (the previous checkpoint stays usable)."""
+    try:
+        yield
+    except BaseException as err:  # DCP's CheckpointException is a BaseException
+        try:
+            free = shutil.disk_usage(tmp.parent).free
+        except OSError:
+            free = 1 << 62
+        # torch.save reports a full disk as "iostream error" / "unexpected pos", without the errno: an error
+        # with almost nothing free on that filesystem is taken for what it is.
+        nearly_full = free < FULL_DISK_BYTES and (isinstance(err, Exception) or "Checkpoint" in type(err).__name__)
+        if not (out_of_space(err) or nearly_full):
+            raise
+        written = _bytes_in(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        done = complete_checkpoints(run_dir)
+        need = max(written, _bytes_in(done[-1]) if done else 0)
+        raise SystemExit(
+            f"no space left on device for checkpoint step-{step} in {tmp.parent}: it needs about {need:,} bytes "
+            f"and {free:,} were free. The partial save was removed; "
+            + (f"{done[-1]} is intact (resume=auto continues from it)" if done else "no earlier checkpoint exists")
+            + ". Free space there, or lower train.save_total_limit.") from None
+
+
+def _bytes_in(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()) if directory.is_dir() else 0
+
+
+def out_of_space(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it, or the per-rank failures DCP wraps) is a full disk."""
+    seen: list[BaseException] = []
+    todo: list[BaseException] = [err]
+    while todo and len(seen) < 50:
+        e = todo.pop()
+        seen.append(e)
+        todo += [x for x in (e.__cause__, e.__context__) if x is not None and x not in seen]
+        todo += [x for x in getattr(e, "failures", {}).values() if isinstance(x, BaseException)]  # DCP
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "PytorchStreamWriter failed writing file" in str(e):
+            return True
+    return False
 
 
 def resume(backend: Backend, run_dir: Path, cfg: Config) -> TrainState:

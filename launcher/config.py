@@ -152,6 +152,9 @@ class TrainerConfig:
     log_every: int = 1
     save_steps: int = 0  # 0: only at the end
     save_total_limit: int = 2
+    # A step whose loss or gradient norm is not finite: "stop" (no checkpoint of that state is written; exit
+    # non-zero, naming the last good checkpoint) or "skip" (the update is not applied; single and fsdp backends).
+    nonfinite: str = "stop"
 
 
 @dataclass
@@ -368,6 +371,10 @@ def validate(cfg: Config) -> None:
     _choice(e, "finetune.method", cfg.finetune.method, ("full", "lora", "qlora"))
     _choice(e, "dataset.overlong", cfg.dataset.overlong, ("truncate", "drop"))
     _choice(e, "dataset.on_error", cfg.dataset.on_error, ("raise", "skip"))
+    _choice(e, "train.nonfinite", cfg.train.nonfinite, ("stop", "skip"))
+    if cfg.train.nonfinite == "skip" and cfg.backend.name == "deepspeed":
+        e.append("train.nonfinite=skip needs backend=single or fsdp: DeepSpeed applies the update before the "
+                 "gradient norm is known. Use train.nonfinite=stop and resume from the last good checkpoint.")
     _choice(e, "template.system_position", cfg.template.system_position, ("turn", "first_user", "last_user"))
     if cfg.backend.name == "deepspeed" and not cfg.backend.ds_config:
         e.append("backend.ds_config is empty: name a DeepSpeed JSON, e.g. backend=deepspeed_zero3.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import math
 import os
 import sys
 import time
@@ -147,6 +148,23 @@ def train_step(model: torch.nn.Module, backend: Backend, batches: list[dict[str,
             "step_time": dt, "tokens_per_s": totals["tokens"] / dt, "slots": totals["slots"]}
 
 
+def check_finite(m: dict, step: int, cfg: Config, run_dir: Path, rank: int) -> None:
+    """A non-finite loss or gradient norm (the same on every rank) stops training before anything of that state
+    is saved, or, with train.nonfinite=skip, is reported (the backend did not apply the update)."""
+    if math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]):
+        return
+    what = f"step {step}: loss {m['loss']}, gradient norm {m['grad_norm']}"
+    if cfg.train.nonfinite == "skip":
+        if rank == 0:
+            print(f"warning: {what}: update skipped (train.nonfinite=skip)", file=sys.stderr, flush=True)
+        return
+    done = complete_checkpoints(run_dir)
+    last = (f"the last good checkpoint is {done[-1]} (resume=auto continues from it)" if done
+            else "no checkpoint was written before it")
+    raise SystemExit(f"{what}: training stopped and nothing of this state was saved; {last}. Lower optimizer.lr "
+                     f"or check the data; train.nonfinite=skip skips such steps instead (backend=single or fsdp).")
+
+
 def run(run_dir: str | Path) -> dict:
     """Train as configured in ``run_dir/config.yaml``; returns the summary (rank 0 also writes summary.json).
 
@@ -183,6 +201,7 @@ def run(run_dir: str | Path) -> dict:
         batches = [next(stream) for _ in range(gas)]
         data_time = time.time() - t0
         step_metrics = train_step(model, backend, batches)
+        check_finite(step_metrics, state.step + 1, cfg, run_dir, backend.rank)
         slots += step_metrics.pop("slots")
         metrics.log_step(state.step + 1, step_metrics, batches=batches, data_time=data_time)
         state.step, state.micro_batch = state.step + 1, state.micro_batch + gas

@@ -10,6 +10,7 @@ The uninterrupted references are the runs of tests/test_backends.py (trained onc
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from launcher.checkpoint import COMPLETE, complete_checkpoints, config_changes
 from tests.conftest import ROOT, run_launcher
@@ -244,3 +246,54 @@ def test_failure_report_survives_empty_and_garbled_error_files(tmp_path: Path) -
     assert lines[1].startswith("rank 0 then stopped because a peer vanished")
     shutil.rmtree(errors)
     assert "killed by SIGKILL (9)" in failure_report(tmp_path, -9)[0]  # no records at all
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_without_saving_that_state(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    r = run_launcher("backend=single", "train.max_steps=4", "train.save_steps=1", "optimizer.lr=1e10",
+                     "optimizer.warmup_ratio=0", "dataset.cutoff_len=128", f"hydra.run.dir={run_dir}", timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert (f"step 2: loss nan, gradient norm nan: training stopped and nothing of this state was saved; the last "
+            f"good checkpoint is {run_dir / 'checkpoints' / 'step-1'}") in r.stderr, r.stderr[-2000:]
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["step-1"] and "Traceback" not in r.stderr
+
+
+def test_skip_mode_leaves_weights_and_optimizer_as_they_were() -> None:
+    from omegaconf import OmegaConf
+
+    from launcher.backends import clip_and_step, make_optimizer
+    from launcher.config import Config
+
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), {
+        "model": {"name_or_path": "x"}, "template": {"name": "x"}, "dataset": {}, "optimizer": {}, "backend": {},
+        "finetune": {}, "train": {"nonfinite": "skip"}}))
+    model = torch.nn.Linear(3, 2)
+    opt, sched = make_optimizer(cfg, list(model.parameters()), 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model(torch.tensor([[float("nan"), 1.0, 2.0]])).sum().backward()
+    assert not math.isfinite(clip_and_step(cfg, model, opt, sched))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not opt.state
+    model(torch.ones(1, 3)).sum().backward()
+    assert math.isfinite(clip_and_step(cfg, model, opt, sched)) and opt.state  # a finite step still applies
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_named_and_the_previous_checkpoint_stays(tmp_path: Path) -> None:
+    """The run directory on a 100 MB tmpfs: the first 60 MB checkpoint fits, the second does not."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("needs permission to mount a small tmpfs")
+    try:
+        run_dir = disk / "run"
+        r = run_launcher("backend=single", "train.max_steps=2", "train.save_steps=1", "dataset.cutoff_len=128",
+                         f"hydra.run.dir={run_dir}", timeout=300)
+        assert r.returncode == 1, r.stderr[-2000:]
+        ckpts = run_dir / "checkpoints"
+        assert f"no space left on device for checkpoint step-2 in {ckpts}: it needs about " in r.stderr
+        assert " were free. The partial save was removed; " in r.stderr and "Traceback" not in r.stderr
+        assert sorted(os.listdir(ckpts)) == ["step-1"] and (ckpts / "step-1" / COMPLETE).is_file()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

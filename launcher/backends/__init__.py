@@ -96,13 +96,15 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def clip_and_step(cfg: Config, model: torch.nn.Module, opt: torch.optim.Optimizer, sched) -> float:
     """Clip gradients to ``optimizer.max_grad_norm`` (0: no clipping), step optimizer and schedule, zero the
-    gradients; return the norm before clipping (for FSDP2 the norm over every rank's shards)."""
+    gradients; return the norm before clipping (for FSDP2 the norm over every rank's shards). A non-finite norm
+    with ``train.nonfinite=skip`` leaves weights and optimizer state as they were."""
     clip = cfg.optimizer.max_grad_norm
     norm = torch.nn.utils.clip_grad_norm_(trainable(model), clip if clip > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # a DTensor (FSDP2): its local value covers this rank's shards only
         norm = norm.full_tensor()
-    opt.step()
-    sched.step()
+    if torch.isfinite(norm) or cfg.train.nonfinite == "stop":  # stop: the loop stops, and saves nothing of it
+        opt.step()
+        sched.step()
     opt.zero_grad(set_to_none=True)
     return float(norm)
 
