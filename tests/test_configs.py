@@ -124,3 +124,10 @@ def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
     assert "huggingface.co" not in r.stderr and "memory plan" not in r.stderr, r.stderr
     assert not any((tmp_path / "out").rglob("*")), "a rejected run leaves no run directory"
+
+
+def test_a_missing_model_directory_is_named_without_traceback(tmp_path: Path) -> None:
+    r = run_launcher("model.name_or_path=/nonexistent/model", "model.init=pretrained", f"output_dir={tmp_path}",
+                     timeout=120)
+    assert r.returncode == 2 and "model.name_or_path='/nonexistent/model': no such directory" in r.stderr
+    assert "Traceback" not in r.stderr and not any(tmp_path.iterdir())
