@@ -117,14 +117,14 @@ def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
     """Everything before the workers: model files, data, the resolved config (checked against an earlier run's
     when resuming in the same run directory)."""
     from launcher.backends import check_backend_config
-    from launcher.checkpoint import resume_checkpoint
     from launcher.data import prepare
+    from launcher.integrity import checked_resume
     from launcher.model import load_tokenizer, materialize
     from launcher.packing import load_plan, plan_path
     from launcher.config import resolve_path
 
     check_resumable(cfg, run_dir)
-    ckpt = resume_checkpoint(cfg, run_dir, world_size)
+    ckpt = checked_resume(cfg, run_dir, world_size, say)  # verified before any worker reads it
     check_backend_config(cfg, world_size)
     materialize(cfg.model)
     tokenizer = load_tokenizer(cfg.model)

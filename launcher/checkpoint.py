@@ -10,7 +10,8 @@ Layout of ``<run_dir>/checkpoints/step-N/``::
     COMPLETE               the step number; written last
     trainer_state.json     {"step", "micro_batch" (data cursor: micro-batches each rank consumed), "world_size",
                             "backend", "finetune"}
-    rng/rank-R.pt          rank R's Python, NumPy, torch (and CUDA) RNG states
+    rng/rank-R.json        rank R's Python, NumPy, torch (and CUDA) RNG states (JSON: nothing is unpickled)
+    MANIFEST.json          size and SHA-256 of every other file (launcher/integrity.py), written before COMPLETE
     adapter_config.json    LoRA only: the PEFT config; the frozen base is model.name_or_path of <run_dir>/config.yaml
 
     backend=deepspeed      DeepSpeed's own layout, tag = "step-N" (for LoRA only the trained parameters):
@@ -38,6 +39,7 @@ complete checkpoint and reproduces the per-step losses of an uninterrupted run e
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import json
@@ -160,18 +162,27 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str],
 
 # --------------------------------------------------------------------------------------------- RNG
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy, torch (and CUDA) RNG states as JSON-able values: stored without pickle."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": list(random.getstate()), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
+def _byte_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_byte_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_byte_tensor(s) for s in state["cuda"]])
 
 
 # --------------------------------------------------------------------------------------------- save / load
@@ -194,12 +205,15 @@ def save_checkpoint(backend: Backend, model: torch.nn.Module, run_dir: Path, sta
             (tmp / "rng").mkdir(parents=True)
         backend.barrier()
         backend.save(tmp)
-        torch.save(rng_state(), tmp / "rng" / f"rank-{backend.rank}.pt")
+        (tmp / "rng" / f"rank-{backend.rank}.json").write_text(json.dumps(rng_state()))
         backend.barrier()
         if backend.rank == 0:
             if (adapter := _adapter_config(model)) is not None:
                 adapter.save_pretrained(tmp)
             (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+            from launcher.integrity import write_manifest  # (imports this module)
+
+            write_manifest(tmp)  # size and hash of every file, checked before anything reads them
             (tmp / COMPLETE).write_text(str(state.step))
     if backend.rank == 0:
         if final.exists():  # only when re-saving a step after a resume; the new one is as good
@@ -269,7 +283,7 @@ def resume(backend: Backend, run_dir: Path, cfg: Config) -> TrainState:
         return TrainState(world_size=backend.world_size, backend=cfg.backend.name, finetune=cfg.finetune.method)
     backend.load(ckpt)
     state = read_state(ckpt)
-    set_rng_state(torch.load(ckpt / "rng" / f"rank-{backend.rank}.pt", weights_only=False))
+    set_rng_state(json.loads((ckpt / "rng" / f"rank-{backend.rank}.json").read_text()))
     if backend.rank == 0:
         _trim_metrics(Path(run_dir) / "metrics.jsonl", state.step)
         print(f"resumed from {ckpt} (step {state.step})", flush=True)
@@ -297,20 +311,21 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     if not is_complete(ckpt):
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker).")
     state = read_state(ckpt)
+    from launcher.safe_load import SafeEmptyPlanner, SafeReader, check_checkpoint, torch_load
+
     if state.backend == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        check_checkpoint(ckpt)  # zero_to_fp32 unpickles freely: only what the weights-only loader accepts
+
         sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     elif state.backend == "fsdp":
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
         sd = {}  # what torch's dcp_to_torch_save does, without writing a file
-        _load_state_dict(sd, storage_reader=FileSystemReader(str(ckpt / "model")),
-                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        _load_state_dict(sd, storage_reader=SafeReader(str(ckpt / "model")), planner=SafeEmptyPlanner(), no_dist=True)
     else:
-        sd = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["model"]
+        sd = torch_load(ckpt / "state.pt", where=ckpt / "state.pt", map_location="cpu")["model"]
     return {k: v.detach().float() for k, v in sd.items()}
 
 

@@ -42,8 +42,9 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from launcher.checkpoint import checkpoint_dirs, complete_checkpoints, is_complete, step_of
+from launcher.checkpoint import CheckpointError, checkpoint_dirs, complete_checkpoints, is_complete, step_of
 from launcher.config import Config, ConfigError, MergeConfig, load_run_config
+from launcher.safe_load import SafePlanner, SafeReader, torch_load
 
 MANIFEST = "manifest.json"
 # Fixed probe conversations for verification: the logits of the whole conversation are compared, the first
@@ -146,14 +147,13 @@ def _damaged(path: Path, err: BaseException) -> ExportError:
                        f"checkpoints/step-N folder) or train again from the last good one.")
 
 
-def _load_pt(path: Path, weights_only: bool) -> Any:
-    """torch.load memory-mapped (pages are read only when a tensor is used); damage becomes an ExportError.
-
-    ``weights_only=False`` is needed for DeepSpeed's files (they pickle DeepSpeed enums); they were written by
-    this project's own workers.
-    """
+def _load_pt(path: Path) -> Any:
+    """torch.load weights-only (launcher/safe_load.py: DeepSpeed's enums allow-listed, nothing else) and
+    memory-mapped (pages are read only when a tensor is used); damage becomes an ExportError."""
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+        return torch_load(path, where=path, map_location="cpu", mmap=True)
+    except CheckpointError:
+        raise
     except Exception as err:
         raise _damaged(path, err) from None
 
@@ -170,7 +170,7 @@ class SingleReader:
 
     def _open(self) -> dict[str, torch.Tensor]:
         if self._sd is None:
-            state = _load_pt(self.path, weights_only=True)
+            state = _load_pt(self.path)
             if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
                 raise ExportError(f"{self.path} has no 'model' state: it was not written by this project's single "
                                   f"backend, or it is damaged. Merge another checkpoint of this run.")
@@ -230,13 +230,13 @@ class ZeroReader:
         from deepspeed.checkpoint import constants as C
 
         ckpt = self.ckpt
-        states = [_load_pt(f, weights_only=False) for f in self.model_files]
+        states = [_load_pt(f) for f in self.model_files]
         world = int(states[0].get("dp_world_size") or 1)
         if not self.optim_files:
             raise ExportError(f"{ckpt} has no *_optim_states.pt files: the float32 weights of a DeepSpeed "
                               f"checkpoint live there, one file per rank ({world} expected).")
         self._missing_ranks(self.optim_files, world, "optim_states")
-        optim = [_load_pt(f, weights_only=False)["optimizer_state_dict"] for f in self.optim_files]
+        optim = [_load_pt(f)["optimizer_state_dict"] for f in self.optim_files]
         self.stage = int(optim[0][C.ZERO_STAGE])
         self.kind = f"DeepSpeed ZeRO-{self.stage} ({world} ranks)"
         if self.stage == 3:
@@ -326,7 +326,6 @@ class DcpReader:
     kind = "FSDP2 torch.distributed.checkpoint"
 
     def __init__(self, folder: Path):
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.folder = folder
@@ -334,7 +333,9 @@ class DcpReader:
             raise ExportError(f"{folder} has no .metadata file, so the sharded (FSDP) save did not finish; merge "
                               f"another checkpoint of this run.")
         try:
-            md = FileSystemReader(str(folder)).read_metadata()
+            md = SafeReader(str(folder)).read_metadata()
+        except CheckpointError:
+            raise
         except Exception as err:
             raise _damaged(folder / ".metadata", err) from None
         self._meta = {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
@@ -356,15 +357,15 @@ class DcpReader:
 
     def prefetch(self, names: list[str]) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemReader
-
         want = {n: torch.empty(self._meta[n].size, dtype=self._meta[n].properties.dtype)
                 for n in names if n not in self._cache}
         if want:
             try:
                 with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                     warnings.simplefilter("ignore", UserWarning)
-                    dcp.load(want, storage_reader=FileSystemReader(str(self.folder)), no_dist=True)
+                    dcp.load(want, storage_reader=SafeReader(str(self.folder)), planner=SafePlanner(), no_dist=True)
+            except CheckpointError:
+                raise
             except Exception as err:
                 raise _damaged(self.folder, err) from None
             self._cache.update(want)

@@ -76,9 +76,11 @@ def run(path: str, overrides: list[str], ask: bool = False) -> int:
     """Export (and verify) the checkpoint at ``path``; with ``ask``, answer merge.ask's first question."""
     from launcher.data import DataError
     from launcher.export import ExportError, VerificationError, export, find_checkpoint
+    from launcher.integrity import check
 
     try:
         src = find_checkpoint(path)
+        check(src.checkpoint)  # files against the manifest, pickles weights-only: before any library reads one
         mcfg = apply_overrides(src.cfg.merge, overrides)
         result = export(src.checkpoint, mcfg, log=say)
     except (ExportError, ConfigError, DataError) as err:

@@ -19,6 +19,7 @@ import torch
 from launcher.backends import MakeModel, ProcessGroupMixin, collective_timeout, make_optimizer, trainable
 from launcher.config import Config, ConfigError, resolve_path
 from launcher.model import compute_dtype
+from launcher.safe_load import guard_deepspeed
 
 
 def fill_ds_config(cfg: Config, world_size: int, hidden_size: int | None = None) -> dict[str, Any]:
@@ -144,6 +145,7 @@ class DeepSpeedBackend(ProcessGroupMixin):
                                     exclude_frozen_parameters=self.cfg.finetune.method != "full")
 
     def load(self, directory: Path) -> None:
+        guard_deepspeed(self.engine)  # its loader would unpickle anything
         path, _ = self.engine.load_checkpoint(
             str(directory.parent), tag=directory.name, load_module_strict=self.cfg.finetune.method == "full",
             load_optimizer_states=True, load_lr_scheduler_states=True)

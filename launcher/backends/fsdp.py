@@ -24,6 +24,7 @@ from launcher.backends import (MakeModel, ProcessGroupMixin, clip_and_step, coll
                                trainable)
 from launcher.config import Config, ConfigError
 from launcher.model import compute_dtype
+from launcher.safe_load import SafePlanner, SafeReader, torch_load
 
 
 def check_accelerate_config(path: Path) -> None:
@@ -138,10 +139,10 @@ class FSDPBackend(ProcessGroupMixin):
 
         opts = self._options()
         model_sd = get_model_state_dict(self.model, options=opts)
-        dcp.load(model_sd, checkpoint_id=str(directory / "model"))
+        dcp.load(model_sd, storage_reader=SafeReader(directory / "model"), planner=SafePlanner())
         set_model_state_dict(self.model, model_sd, options=opts)
         # get_optimizer_state_dict creates the AdamW state (with a zero-lr step) so DCP has tensors to fill.
         optim_sd = get_optimizer_state_dict(self.model, self.opt, options=opts)
-        dcp.load(optim_sd, checkpoint_id=str(directory / "optimizer"))
+        dcp.load(optim_sd, storage_reader=SafeReader(directory / "optimizer"), planner=SafePlanner())
         set_optimizer_state_dict(self.model, self.opt, optim_sd, options=opts)
-        self.sched.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+        self.sched.load_state_dict(torch_load(directory / "scheduler.pt", where=directory / "scheduler.pt"))

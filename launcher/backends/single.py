@@ -9,6 +9,7 @@ import torch
 
 from launcher.backends import MakeModel, clip_and_step, make_optimizer, trainable
 from launcher.config import Config
+from launcher.safe_load import torch_load
 from launcher.model import compute_dtype
 
 
@@ -58,7 +59,7 @@ class SingleBackend:
                    directory / "state.pt")
 
     def load(self, directory: Path) -> None:
-        state = torch.load(directory / "state.pt", map_location=self.device, weights_only=True)
+        state = torch_load(directory / "state.pt", where=directory / "state.pt", map_location=self.device)
         missing = self._saved_keys() - set(state["model"])
         if missing:
             raise RuntimeError(f"{directory}/state.pt lacks {len(missing)} weights, e.g. {sorted(missing)[0]}")
