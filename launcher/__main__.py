@@ -118,7 +118,7 @@ def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
     when resuming in the same run directory)."""
     from launcher.backends import check_backend_config
     from launcher.data import prepare
-    from launcher.integrity import checked_resume
+    from launcher.integrity import check_same_data, checked_resume
     from launcher.model import load_tokenizer, materialize
     from launcher.packing import load_plan, plan_path
     from launcher.config import resolve_path
@@ -134,6 +134,7 @@ def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
 
     with library_progress(cfg.logger.progress, cfg.logger.progress_every_s, cfg.launcher.node_rank == 0):
         data_path, stats, hit = prepare(cfg.dataset, cfg.template, tokenizer, tok_dir, cfg.train.seed)
+    check_same_data(cfg, ckpt, data_path, run_dir, say)  # a checkpoint's data cursor fits only its own data
     plan = load_plan(plan_path(data_path, "train"))
     say(f"data: {stats.used} records for training, {stats.eval_records} held out, "
         f"{stats.dropped_errors} dropped for errors, {stats.dropped_overlong} dropped for length, "

@@ -81,6 +81,7 @@ class TrainState:
     world_size: int = 1
     backend: str = ""
     finetune: str = ""
+    data_key: str = ""  # which prepared data the cursor points into (the cache key of data_path)
 
 
 # --------------------------------------------------------------------------------------------- finding
@@ -144,7 +145,7 @@ def resume_checkpoint(cfg: Config, run_dir: Path, world_size: int) -> Path | Non
 _MAY_CHANGE = ("launcher.", "merge.", "train.max_steps", "train.epochs", "train.save_steps",
                "train.save_total_limit", "train.log_every", "resume", "dry_run", "output_dir", "name",
                "dataset.num_proc", "dataset.cache_dir", "backend.timeout_minutes",
-               "logger.", "planner.", "eval.", "eval_data_path")  # monitoring never changes the training math
+               "logger.", "planner.", "eval.", "eval_data_path", "resume_new_data")  # monitoring never changes the training math
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -279,10 +280,20 @@ def resume(backend: Backend, run_dir: Path, cfg: Config) -> TrainState:
     if backend.rank == 0:  # leftovers of a save that was interrupted: never read, now removed
         for tmp in (Path(run_dir) / "checkpoints").glob(".tmp-step-*"):
             shutil.rmtree(tmp, ignore_errors=True)
+    data_key = Path(cfg.data_path).name.removeprefix("data-")
     if ckpt is None:
-        return TrainState(world_size=backend.world_size, backend=cfg.backend.name, finetune=cfg.finetune.method)
+        return TrainState(world_size=backend.world_size, backend=cfg.backend.name, finetune=cfg.finetune.method,
+                          data_key=data_key)
     backend.load(ckpt)
     state = read_state(ckpt)
+    if state.data_key and state.data_key != data_key:  # the launcher refused this unless resume_new_data=true
+        if not cfg.resume_new_data:
+            raise CheckpointError(f"{ckpt} was trained on other prepared data ({state.data_key}, now {data_key}).")
+        if backend.rank == 0:
+            print(f"resume_new_data=true: the data changed since {ckpt}; the data cursor starts again at the "
+                  f"beginning of the new data", flush=True)
+        state.micro_batch = 0
+    state.data_key = data_key
     set_rng_state(json.loads((ckpt / "rng" / f"rank-{backend.rank}.json").read_text()))
     if backend.rank == 0:
         _trim_metrics(Path(run_dir) / "metrics.jsonl", state.step)

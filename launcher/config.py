@@ -278,6 +278,9 @@ class Config:
     # "auto": continue from the newest complete checkpoint in the run directory (pass hydra.run.dir=<run dir>),
     # "never": start from step 0, or the path of one checkpoints/step-N directory to continue from.
     resume: str = "auto"
+    # Resuming on data that changed since the checkpoint is refused; true continues the model on the new data,
+    # with the data cursor started again at its beginning (the old cursor points into the old data).
+    resume_new_data: bool = False
 
 
 def register_configs() -> None:

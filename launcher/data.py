@@ -10,6 +10,7 @@ it and a changed input never reuses a stale one::
     <cache_dir>/data-<key>/train, eval   Arrow datasets: input_ids, labels (-100 = no loss), length
     <cache_dir>/data-<key>/*_rows.npz    the row plan (launcher.packing.pack_dataset)
     <cache_dir>/data-<key>/stats.json    DataStats: what was used, dropped and why
+    <cache_dir>/data-<key>/sources.json  the key and the SHA-256 of every data file it was made from
     <cache_dir>/data-<key>/COMPLETE      written last; a directory without it is never used
 """
 
@@ -28,7 +29,8 @@ from typing import Any, Iterator
 from launcher.config import DatasetConfig, TemplateConfig, resolve_path
 from launcher.templates import Template, TemplateError, normalize_tools, parse_tool_calls
 
-CACHE_VERSION = "2"  # bump when the cached format changes (the code itself is hashed too)
+CACHE_VERSION = "3"  # bump when the cached format changes (the code itself is hashed too)
+SOURCES = "sources.json"  # in a prepared directory: its key and the SHA-256 of each data file it was made from
 DATA_SUFFIXES = (".json", ".jsonl")
 MAX_ERROR_EXAMPLES = 10
 FIX_HINT = ("Fix the record, or set dataset.on_error=skip to drop such records (they are counted and reported).")
@@ -360,8 +362,22 @@ def _code_hash() -> bytes:
     return b"".join((here / f).read_bytes() for f in ("data.py", "templates.py", "packing.py"))
 
 
+def file_digests(entries: list[DatasetEntry]) -> dict[str, str]:
+    """SHA-256 of every data file, by path: what ``sources.json`` of a prepared directory records, so a resumed
+    run can name the files that changed (launcher/integrity.py)."""
+    out = {}
+    for e in entries:
+        for f in e.files:
+            digest = hashlib.sha256()
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+            out[str(f)] = digest.hexdigest()
+    return out
+
+
 def cache_key(cfg: DatasetConfig, template: TemplateConfig, tokenizer_dir: Path, entries: list[DatasetEntry],
-              seed: int, tokenizer: Any = None) -> str:
+              seed: int, tokenizer: Any = None, digests: dict[str, str] | None = None) -> str:
     """Hash of every input of preparation: data file contents, tokenizer files, template definition, cutoff,
     masking, split and packing options, and the preparation code. (num_proc and cache_dir do not change it.)"""
     h = hashlib.sha256(CACHE_VERSION.encode())
@@ -381,14 +397,11 @@ def cache_key(cfg: DatasetConfig, template: TemplateConfig, tokenizer_dir: Path,
         h.update((backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
                   ).encode())
         h.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, sorted(tokenizer.get_added_vocab())]).encode())
+    digests = digests or file_digests(entries)
     for e in entries:
         h.update(json.dumps([e.name, e.formatting, e.columns, e.tags], sort_keys=True).encode())
         for f in e.files:
-            digest = hashlib.sha256()
-            with f.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
-            h.update(str(f.name).encode() + digest.digest())
+            h.update(str(f.name).encode() + bytes.fromhex(digests[str(f)]))
     return h.hexdigest()[:16]
 
 
@@ -510,7 +523,8 @@ def prepare(cfg: DatasetConfig, template_cfg: TemplateConfig, tokenizer: Any, to
 
     data_dir = resolve_path(cfg.dir)
     entries = load_registry(data_dir, list(cfg.names))
-    key = cache_key(cfg, template_cfg, tokenizer_dir, entries, seed, tokenizer)
+    digests = file_digests(entries)
+    key = cache_key(cfg, template_cfg, tokenizer_dir, entries, seed, tokenizer, digests)
     cache_root = resolve_path(cfg.cache_dir)
     out = cache_root / f"data-{key}"
     if (out / "COMPLETE").is_file():
@@ -584,6 +598,7 @@ def prepare(cfg: DatasetConfig, template_cfg: TemplateConfig, tokenizer: Any, to
                              tmp / f"{name}_rows.npz")
         shutil.rmtree(tmp / "work", ignore_errors=True)
         (tmp / "stats.json").write_text(json.dumps(asdict(stats), indent=1, ensure_ascii=False))
+        (tmp / SOURCES).write_text(json.dumps({"key": key, "files": digests}, indent=1))
         (tmp / "COMPLETE").write_text(key)
         try:
             os.rename(tmp, out)

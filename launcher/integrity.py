@@ -7,6 +7,9 @@ the middle) is refused with the file named. SHA-256 because it was the fastest o
 (SHA extensions; bench/bench_manifest.py); files are hashed on several threads (hashlib releases the GIL).
 ``resume=auto`` skips damaged checkpoints loudly (:func:`pick_intact`), so a Slurm requeue after one bad save
 continues from the one before instead of crash-looping.
+
+A resumed run must also read the data its checkpoint was trained on (:func:`check_same_data`): the checkpoint
+records the prepared data's key, the run directory the SHA-256 of each data file (``data_sources.json``).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from launcher.checkpoint import COMPLETE, CheckpointError, complete_checkpoints, resume_checkpoint
+from launcher.checkpoint import COMPLETE, CheckpointError, complete_checkpoints, read_state, resume_checkpoint
 from launcher.config import Config
+from launcher.data import SOURCES
 from launcher.safe_load import check_checkpoint
 
 MANIFEST = "MANIFEST.json"
@@ -132,3 +136,43 @@ def checked_resume(cfg: Config, run_dir: Path, world_size: int, say: Callable[[s
     if ckpt is not None and cfg.resume != "auto":
         check(ckpt)
     return ckpt
+
+
+DATA_RECORD = "data_sources.json"  # in the run directory: the prepared data the run trains on, file by file
+
+
+def _sources(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def check_same_data(cfg: Config, ckpt: Path | None, data_path: Path, run_dir: Path,
+                    say: Callable[[str], None]) -> None:
+    """Refuse to resume ``ckpt`` on other data than it was trained on (its data cursor and packing plan point
+    into that data), listing the files that changed, unless ``resume_new_data=true``; then record the data."""
+    new = _sources(data_path / SOURCES)
+    if ckpt is not None:
+        old_key = read_state(ckpt).data_key
+        if old_key and old_key != new.get("key"):
+            old = _sources(run_dir / DATA_RECORD)
+            if old.get("key") != old_key:  # recorded by an older start: the cache may still hold it
+                old = _sources(data_path.parent / f"data-{old_key}" / SOURCES)
+            a, b = old.get("files", {}), new.get("files", {})
+            changed = [f"{f} ({'added' if f not in a else 'removed' if f not in b else 'changed'})"
+                       for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+            what = (f"these data files changed: {', '.join(changed)}" if changed else
+                    "the data files are the same but are prepared differently (tokenizer files or the launcher's "
+                    "data preparation code changed)" if a else "the data differs (the old file list is gone)")
+            if not cfg.resume_new_data:
+                raise CheckpointError(
+                    f"{ckpt} was trained on other data than this run would read: {what}. Its data cursor and "
+                    f"packing plan point into the old data. Restore the old data to continue exactly, or pass "
+                    f"resume_new_data=true to continue this model on the new data, its data cursor started again "
+                    f"at the beginning.")
+            say(f"WARNING: resume_new_data=true: {what}; continuing {ckpt} on the new data, with the data cursor "
+                f"started again at its beginning")
+    tmp = run_dir / f".{DATA_RECORD}.tmp"
+    tmp.write_text(json.dumps(new, indent=1))
+    os.replace(tmp, run_dir / DATA_RECORD)

@@ -297,3 +297,28 @@ def test_a_full_disk_is_named_and_the_previous_checkpoint_stays(tmp_path: Path) 
         assert sorted(os.listdir(ckpts)) == ["step-1"] and (ckpts / "step-1" / COMPLETE).is_file()
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_resuming_on_changed_data_is_refused_unless_accepted(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "llamafactory_data", data)
+    run_dir = tmp_path / "run"
+    common = ("backend=single", f"dataset.dir={data}", "dataset.names=[alpaca_ko,sharegpt_ko]",
+              "dataset.cutoff_len=128", "train.save_steps=1", f"dataset.cache_dir={tmp_path / 'cache'}",
+              f"hydra.run.dir={run_dir}")
+    r = run_launcher(*common, "train.max_steps=2", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = json.loads((data / "alpaca_ko.json").read_text())
+    records[3]["output"] = "SELECT 1;"  # one record edited
+    (data / "alpaca_ko.json").write_text(json.dumps(records, ensure_ascii=False))
+    r = run_launcher(*common, "train.max_steps=3", timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"these data files changed: {data / 'alpaca_ko.json'} (changed). Its data cursor" in r.stderr
+    assert "resume_new_data=true" in r.stderr and "Traceback" not in r.stderr
+    r = run_launcher(*common, "train.max_steps=3", "resume_new_data=true", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"WARNING: resume_new_data=true: these data files changed: {data / 'alpaca_ko.json'} (changed)" in r.stderr
+    assert "the data cursor starts again at the beginning of the new data" in r.stdout + r.stderr
+    state = json.loads((run_dir / "checkpoints" / "step-3" / "trainer_state.json").read_text())
+    assert state["micro_batch"] == 2  # one step (grad_accum=2 micro-batches) into the new data, not 3 steps
