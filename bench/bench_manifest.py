@@ -67,8 +67,8 @@ def main() -> None:
         t_pickles = time.perf_counter() - t0
     gb = size / 1e9
     print(f"checkpoint {size / 2**30:.2f} GiB in {args.files} files, {os.cpu_count()} cores")
-    print(f"write manifest (save)  {t_write:6.2f} s  {gb / t_write:.2f} GB/s  = {t_write / gb * 1.0737:.2f} s per GiB")
-    print(f"verify manifest        {t_verify:6.2f} s  {gb / t_verify:.2f} GB/s  = {t_verify / gb * 1.0737:.2f} s per GiB")
+    for what, t in (("write manifest (save)", t_write), ("verify manifest", t_verify)):
+        print(f"{what:22s} {t:6.2f} s  {gb / t:.2f} GB/s  = {t / gb * 1.0737:.2f} s per GiB")
     print(f"open pickles (safe)    {t_pickles:6.2f} s")
 
 

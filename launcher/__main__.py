@@ -180,7 +180,7 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
         raise ConfigError(
             f"{path} was written by an earlier run with other settings, so this run could not continue it "
             f"exactly:\n  - " + "\n  - ".join(breaking) + "\nUse the earlier values, or start a new run in "
-            f"another hydra.run.dir (or none, for a new timestamped one).")
+            "another hydra.run.dir (or none, for a new timestamped one).")
     for line in harmless:
         if not line.startswith("launcher."):  # ports and node addresses differ from start to start anyway
             say(f"changed since the last start: {line}")

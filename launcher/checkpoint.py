@@ -145,7 +145,8 @@ def resume_checkpoint(cfg: Config, run_dir: Path, world_size: int) -> Path | Non
 _MAY_CHANGE = ("launcher.", "merge.", "train.max_steps", "train.epochs", "train.save_steps",
                "train.save_total_limit", "train.log_every", "resume", "dry_run", "output_dir", "name",
                "dataset.num_proc", "dataset.cache_dir", "backend.timeout_minutes",
-               "logger.", "planner.", "eval.", "eval_data_path", "resume_new_data")  # monitoring never changes the training math
+               "logger.", "planner.", "eval.", "eval_data_path",  # monitoring never changes the training math
+               "resume_new_data")  # checked by launcher.integrity.check_same_data instead
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:

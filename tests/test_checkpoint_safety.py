@@ -13,7 +13,6 @@ The trained runs are those of tests/test_backends.py (trained once per session);
 from __future__ import annotations
 
 import io
-import json
 import os
 import pickle
 import shutil
@@ -25,7 +24,7 @@ import torch
 
 from launcher.checkpoint import CheckpointError
 from launcher.config import load_run_config
-from launcher.integrity import MANIFEST, checked_resume, write_manifest
+from launcher.integrity import checked_resume, write_manifest
 from tests.conftest import run_launcher
 from tests.test_backends import losses_of, train
 
@@ -213,6 +212,5 @@ def test_deepspeed_load_checkpoint_goes_through_the_safe_loader(tmp_path_factory
     with pytest.raises(CheckpointError, match="optim_states.pt holds a Python object"):
         engine.checkpoint_engine.load(str(path), map_location="cpu")
     assert not marker.exists()
-    ok = json.loads((ckpt / "trainer_state.json").read_text())  # an untouched file still loads
-    assert ok["step"] == 12
-    assert "optimizer_state_dict" in engine.checkpoint_engine.load(str(ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+    intact = engine.checkpoint_engine.load(str(ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+    assert "optimizer_state_dict" in intact  # an untouched file still loads
