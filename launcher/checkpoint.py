@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from launcher.config import Config, ConfigError, flatten, resolve_path
+from launcher.failures import text_of
 
 if TYPE_CHECKING:
     from launcher.backends import Backend
@@ -267,10 +268,13 @@ def out_of_space(err: BaseException) -> bool:
         e = todo.pop()
         seen.append(e)
         todo += [x for x in (e.__cause__, e.__context__) if x is not None and x not in seen]
-        todo += [x for x in getattr(e, "failures", {}).values() if isinstance(x, BaseException)]  # DCP
+        for x in getattr(e, "failures", {}).values():  # DCP: {rank: (exception, traceback)}
+            x = x[0] if isinstance(x, tuple) and x else x
+            if isinstance(x, BaseException):
+                todo.append(x)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if "No space left on device" in str(e) or "PytorchStreamWriter failed writing file" in str(e):
+        if "No space left on device" in text_of(e) or "PytorchStreamWriter failed writing file" in text_of(e):
             return True
     return False
 

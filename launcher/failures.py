@@ -45,7 +45,14 @@ class RankRecord:
 def lost_peer(err: BaseException) -> bool:
     """Whether ``err`` says a peer of a collective vanished (so this rank is not the one to blame)."""
     names = {type(e).__name__ for e in _chain(err)}
-    return bool(names & {"DistNetworkError"}) or any(_PEER_LOST.search(str(e)) for e in _chain(err))
+    return bool(names & {"DistNetworkError"}) or any(_PEER_LOST.search(text_of(e)) for e in _chain(err))
+
+
+def text_of(err: BaseException) -> str:
+    try:
+        return str(err)
+    except Exception:  # a library's __str__ that fails on its own arguments must not hide the error
+        return type(err).__name__
 
 
 def _chain(err: BaseException) -> list[BaseException]:

@@ -322,3 +322,35 @@ def test_resuming_on_changed_data_is_refused_unless_accepted(tmp_path: Path) -> 
     assert "the data cursor starts again at the beginning of the new data" in r.stdout + r.stderr
     state = json.loads((run_dir / "checkpoints" / "step-3" / "trainer_state.json").read_text())
     assert state["micro_batch"] == 2  # one step (grad_accum=2 micro-batches) into the new data, not 3 steps
+
+
+def test_a_base_exception_in_a_rank_is_recorded(tmp_path: Path, monkeypatch) -> None:
+    """DCP's CheckpointException derives from BaseException: the rank's error record must still be written."""
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    import launcher.train
+    from launcher.failures import failure_report
+
+    def fails(_run_dir: str) -> None:
+        raise CheckpointException("save", {0: (OSError(28, "No space left on device"), traceback.extract_stack())})
+
+    monkeypatch.setattr(launcher.train, "run", fails)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(CheckpointException):
+        launcher.train.main([str(tmp_path)])
+    assert "CheckpointException" in (tmp_path / "errors" / "rank-1.txt").read_text()
+    assert failure_report(tmp_path, 1)[0].startswith("workers failed (exit code 1); rank 1 failed first: ")
+
+
+def test_out_of_space_is_recognised_inside_dcp_failures() -> None:
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from launcher.checkpoint import out_of_space
+
+    full = CheckpointException("save", {1: (OSError(28, "No space left on device"), traceback.extract_stack())})
+    other = CheckpointException("save", {1: (ValueError("bad"), traceback.extract_stack())})
+    assert out_of_space(full) and not out_of_space(other) and out_of_space(OSError(28, "x"))
