@@ -43,8 +43,9 @@ def allowed_globals(deepspeed: bool = False) -> list[Any]:
     if deepspeed:
         from deepspeed.runtime.fp16.loss_scaler import LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
 
-        out += [ZeroStageEnum, LossScaler]  # in DeepSpeed's optimizer states
+        out += [ZeroStageEnum, LossScaler, fragment_address]  # in DeepSpeed's optimizer states (ZeRO-2, -3)
     return out
 
 
