@@ -9,8 +9,8 @@ import torch
 
 from launcher.backends import MakeModel, clip_and_step, make_optimizer, trainable
 from launcher.config import Config
-from launcher.safe_load import torch_load
 from launcher.model import compute_dtype
+from launcher.safe_load import torch_load
 
 
 class SingleBackend:
