@@ -262,7 +262,7 @@ def test_a_non_finite_loss_stops_without_saving_that_state(tmp_path: Path) -> No
 def test_skip_mode_leaves_weights_and_optimizer_as_they_were() -> None:
     from omegaconf import OmegaConf
 
-    from launcher.backends import clip_and_step, make_optimizer
+    from launcher.backends.base import clip_and_step, make_optimizer
     from launcher.config import Config
 
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), {
