@@ -46,6 +46,7 @@ import torch
 from launcher.backends import backend_for
 from launcher.config import Config, ConfigError, flatten, resolve_path
 from launcher.failures import text_of
+from launcher.runspec import load_run_spec
 
 if TYPE_CHECKING:
     from launcher.backends.base import Backend
@@ -133,20 +134,21 @@ def resume_checkpoint(cfg: Config, run_dir: Path, world_size: int) -> Path | Non
     return ckpt
 
 
-# Config values a resumed run may change: where/how it runs and how long, not what or how it learns.
+# User settings a resumed run may change: where/how it runs and how long, not what or how it learns.
 _MAY_CHANGE = ("launcher.", "merge.", "train.max_steps", "train.epochs", "train.save_steps",
                "train.save_total_limit", "train.log_every", "resume", "dry_run", "output_dir", "name",
                "dataset.num_proc", "dataset.cache_dir", "backend.timeout_minutes",
-               "logger.", "planner.", "eval.", "eval_data_path",  # monitoring never changes the training math
+               "logger.", "planner.", "eval.",  # monitoring never changes the training math
                "resume_new_data")  # checked by launcher.integrity.check_same_data instead
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(changes that break an exact continuation, harmless changes) between two resolved configs, as
-    ``key: old -> new`` lines. Keys only one side has (a field added by a newer version) are harmless."""
+    """(changes that break an exact continuation, harmless changes) between two user configs as composed, as
+    ``key: old -> new`` lines. Keys only one side has (a field added by a newer version) are harmless. What the
+    launcher decides at each start (run directory, data paths, ports) is in the run spec, not compared here."""
     a, b = flatten(old), flatten(new)
     breaking, harmless = [], []
-    for key in sorted(set(a) & set(b) - {"run_dir", "data_path"}):  # filled in by the launcher
+    for key in sorted(set(a) & set(b)):
         if a[key] != b[key]:
             line = f"{key}: {a[key]!r} -> {b[key]!r}"
             (harmless if any(key == m or (m.endswith(".") and key.startswith(m)) for m in _MAY_CHANGE)
@@ -276,7 +278,7 @@ def resume(backend: Backend, run_dir: Path, cfg: Config) -> TrainState:
     if backend.rank == 0:  # leftovers of a save that was interrupted: never read, now removed
         for tmp in (Path(run_dir) / "checkpoints").glob(".tmp-step-*"):
             shutil.rmtree(tmp, ignore_errors=True)
-    data_key = Path(cfg.data_path).name.removeprefix("data-")
+    data_key = Path(load_run_spec(run_dir).data_path).name.removeprefix("data-")
     if ckpt is None:
         return TrainState(world_size=backend.world_size, backend=backend_for(cfg).name, finetune=cfg.finetune.method,
                           data_key=data_key)
