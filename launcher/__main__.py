@@ -71,6 +71,11 @@ def prepare_run(cfg: Config, spec: RunSpec) -> None:
         f"{stats.dropped_errors} dropped for errors, {stats.dropped_overlong} dropped for length, "
         f"{stats.truncated} truncated; {stats.tokens:,} tokens ({stats.supervised_tokens:,} supervised) "
         f"[{'cache hit' if hit else f'prepared in {time.time() - t0:.1f}s'}: {data_path}]")
+    if stats.mix.get("mixed"):
+        from launcher.mixing import mix_table
+
+        for line in mix_table(stats.mix):
+            say(line)
     say(f"packing: {plan.stats.describe()}")
     for err in stats.errors:
         say(f"  skipped: {err}")
@@ -82,7 +87,8 @@ def prepare_run(cfg: Config, spec: RunSpec) -> None:
     if cfg.eval.datasets:  # a validation dataset: prepared like training data, its "train" split is the eval set
         from dataclasses import replace
 
-        eval_cfg = replace(cfg.dataset, names=list(cfg.eval.datasets), val_size=0.0, max_samples=cfg.eval.max_samples)
+        eval_cfg = replace(cfg.dataset, names=list(cfg.eval.datasets), val_size=0.0, max_samples=cfg.eval.max_samples,
+                           weights=[], mix_size=None, mix_strategy=None, interleave_probs=None)  # evaluated whole
         with library_progress(cfg.logger.progress, cfg.logger.progress_every_s, cfg.launcher.node_rank == 0):
             eval_path, estats, _ = prepare(eval_cfg, cfg.template, tokenizer, tok_dir, cfg.train.seed)
         say(f"eval data: {estats.used} records of {', '.join(cfg.eval.datasets)}, {estats.tokens:,} tokens "

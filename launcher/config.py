@@ -9,6 +9,7 @@ backend it names (launcher/backends/).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import typing
 from dataclasses import dataclass, field, is_dataclass
@@ -21,6 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from launcher import backends
+from launcher.mixing import problems as mix_problems
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,11 +87,27 @@ class TemplateConfig:
 
 @dataclass
 class DatasetConfig:
-    """Which records to train on and how they become token rows."""
+    """Which records to train on and how they become token rows.
+
+    Mixing (launcher/mixing.py): ``weights`` gives each of ``names`` a share of the training records (or tokens,
+    ``mix_by=tokens``); ``mix_size`` is ``under`` (largest mix repeating nothing), ``over`` (smallest mix using every
+    record), a count (``20000``) or a multiple of what is available (``2x``). Each dataset is down-sampled or
+    repeated to its share, drawn from ``train.seed``. LLaMA-Factory's keys map onto it exactly:
+    ``mix_strategy=interleave_under interleave_probs=0.6,0.3,0.1`` is ``weights=[0.6,0.3,0.1] mix_size=under``,
+    ``interleave_over`` is ``mix_size=over``, interleave without probs is equal weights, and ``concat`` /
+    ``interleave_once`` are the default (every record once)."""
 
     # A LLaMA-Factory-style data folder with dataset_info.json.
     dir: str = "data"
     names: list[str] = field(default_factory=lambda: ["text2sql_ko"])
+    # One weight per name (any scale: [6,3,1] = [0.6,0.3,0.1]); empty: every record once, nothing mixed.
+    weights: list[float] = field(default_factory=list)
+    mix_by: str = "records"  # what the weights are shares of: "records" or "tokens"
+    mix_size: Optional[str] = None  # "under" (None), "over", a count (of mix_by's unit), or "Nx" (N × available)
+    # LLaMA-Factory's spelling of the same (one or the other): "concat", "interleave_under", "interleave_over",
+    # "interleave_once"; interleave_probs as "0.6,0.3,0.1" or a list.
+    mix_strategy: Optional[str] = None
+    interleave_probs: Any = None
     max_samples: Optional[int] = None  # per dataset, taken from the start of each file
     val_size: float = 0.0  # fraction (<1) or count (>=1) of records held out for evaluation
     cutoff_len: int = 1024  # tokens per packed row (and the longest record kept)
@@ -368,6 +386,26 @@ def _qlora_problems(cfg: Config) -> list[str]:
     return []
 
 
+def _unknown_datasets(cfg: Config) -> list[str]:
+    """Names in dataset.names / eval.datasets that dataset_info.json lacks (a missing or broken registry is
+    reported by launcher.data, with its path)."""
+    info_path = resolve_path(cfg.dataset.dir) / "dataset_info.json"
+    try:
+        known = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(known, dict):
+        return []
+    e = []
+    for key, names in (("dataset.names", cfg.dataset.names), ("eval.datasets", cfg.eval.datasets)):
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            fix = " (and dataset.weights with it)" if key == "dataset.names" and cfg.dataset.weights else ""
+            e.append(f"{key}: {', '.join(map(repr, unknown))} not in {info_path}, which has "
+                     f"{', '.join(sorted(known))}. Fix {key}{fix} or add the entry.")
+    return e
+
+
 def validate(cfg: Config) -> None:
     """Check cross-field rules; raise one ConfigError listing every problem with its fix."""
     e: list[str] = []
@@ -403,6 +441,7 @@ def validate(cfg: Config) -> None:
     if not cfg.dataset.names:
         e.append("dataset.names is empty: name at least one entry of dataset_info.json, "
                  "e.g. dataset.names=[text2sql_ko].")
+    e += mix_problems(cfg.dataset) + _unknown_datasets(cfg)
     if cfg.dataset.val_size < 0:
         e.append(f"dataset.val_size={cfg.dataset.val_size} is negative: use a fraction below 1 or a count.")
     for key in ("micro_batch_size", "grad_accum", "log_every"):

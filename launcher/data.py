@@ -2,10 +2,10 @@
 
 Preparation runs once, in the launcher process, before any worker starts (so no collective can time out while it
 runs). Records stream from the files into an Arrow dataset (``Dataset.from_generator``), are tokenised in batches
-with the fast tokenizer (``Dataset.map``, ``dataset.num_proc`` processes), split, and packed; nothing holds all rows
-in a Python list. The result is a directory keyed by a hash of every input that can change it (data files,
-tokenizer files, template, cutoff, masking and split options, this code), so a second run with the same inputs reuses
-it and a changed input never reuses a stale one::
+with the fast tokenizer (``Dataset.map``, ``dataset.num_proc`` processes), split, mixed (launcher/mixing.py) and
+packed; nothing holds all rows in a Python list. The result is a directory keyed by a hash of every input that can
+change it (data files, tokenizer files, template, cutoff, masking, split and mix options, this code), so a second
+run with the same inputs reuses it and a changed input never reuses a stale one::
 
     <cache_dir>/data-<key>/train, eval   Arrow datasets: input_ids, labels (-100 = no loss), length
     <cache_dir>/data-<key>/*_rows.npz    the row plan (launcher.packing.pack_dataset)
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from launcher.config import DatasetConfig, TemplateConfig, resolve_path
+from launcher.mixing import MixError, mix_split, resolve as resolve_mix
 from launcher.templates import Template, TemplateError, normalize_tools, parse_tool_calls
 
 CACHE_VERSION = "3"  # bump when the cached format changes (the code itself is hashed too)
@@ -352,6 +353,7 @@ class DataStats:
     tokens: int = 0  # training tokens
     supervised_tokens: int = 0  # training tokens with a loss
     per_dataset: dict[str, int] = field(default_factory=dict)  # records read per dataset name
+    mix: dict[str, Any] = field(default_factory=dict)  # the training split per dataset (launcher.mixing.mix_split)
     error_reasons: dict[str, int] = field(default_factory=dict)  # skipped records per reason
     errors: list[str] = field(default_factory=list)  # the first few skip messages, with file and record
 
@@ -359,7 +361,7 @@ class DataStats:
 def _code_hash() -> bytes:
     """The code that decides what a prepared dataset contains; a change to it invalidates the cache."""
     here = Path(__file__).parent
-    return b"".join((here / f).read_bytes() for f in ("data.py", "templates.py", "packing.py"))
+    return b"".join((here / f).read_bytes() for f in ("data.py", "templates.py", "packing.py", "mixing.py"))
 
 
 def file_digests(entries: list[DatasetEntry]) -> dict[str, str]:
@@ -386,7 +388,7 @@ def cache_key(cfg: DatasetConfig, template: TemplateConfig, tokenizer_dir: Path,
                 "max_samples", "val_size"):
         h.update(f"{key}={getattr(cfg, key)};".encode())
     h.update(json.dumps(asdict(template), sort_keys=True).encode())
-    h.update(f"seed={seed};".encode())
+    h.update(f"seed={seed};mix={resolve_mix(cfg).key()};".encode())
     tok_files = sorted(p for p in tokenizer_dir.glob("*") if p.is_file() and (
         p.name.startswith("tokenizer") or p.name in ("special_tokens_map.json", "added_tokens.json", "vocab.json",
                                                      "merges.txt", "chat_template.jinja")))
@@ -427,11 +429,11 @@ def _count_skip(stats: DataStats, err: DataError) -> None:
         stats.errors.append(str(err))
 
 
-def _records(entries: list[DatasetEntry], cfg: DatasetConfig, template: Template, stats: DataStats
+def _records(entries: tuple[DatasetEntry, ...], cfg: DatasetConfig, template: Template, stats: DataStats
              ) -> Iterator[dict[str, Any]]:
     """Converted records, one at a time: {"messages", "tools" (JSON text, "" for none)}. Errors raise or are
     counted in ``stats`` according to ``cfg.on_error``."""
-    for entry in entries:
+    for source, entry in enumerate(entries):
         n = 0
         for file in entry.files:
             if cfg.max_samples is not None and n >= cfg.max_samples:
@@ -453,7 +455,8 @@ def _records(entries: list[DatasetEntry], cfg: DatasetConfig, template: Template
                         raise DataError(f"{err} {FIX_HINT}", err.reason) from None
                     _count_skip(stats, err)
                     continue
-                yield {"messages": msgs, "tools": json.dumps(tools, ensure_ascii=False) if tools else ""}
+                yield {"messages": msgs, "tools": json.dumps(tools, ensure_ascii=False) if tools else "",
+                       "source": source}
             if in_file == 0:
                 what = "is empty" if not file.read_bytes().strip() else "holds no records"
                 err = DataError(f"{file} {what}: add records, or leave it out of {entry.name!r} in "
@@ -470,8 +473,9 @@ def _encode(batch: dict[str, list], template: Template, cutoff_len: int, train_o
     tools = [json.loads(t) if t else None for t in batch["tools"]]
     encoded = template.encode_batch(batch["messages"], cutoff_len, train_on_prompt=train_on_prompt,
                                     mask_history=mask_history, tools=tools)
-    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "supervised": [], "truncated": []}
-    for enc in encoded:
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "supervised": [], "truncated": [],
+                            "source": []}
+    for enc, source in zip(encoded, batch["source"]):
         if enc is None or (enc.truncated and drop_truncated):
             continue  # counted as dropped for length: rows in minus rows out
         out["input_ids"].append(enc.input_ids)
@@ -479,6 +483,7 @@ def _encode(batch: dict[str, list], template: Template, cutoff_len: int, train_o
         out["length"].append(len(enc.input_ids))
         out["supervised"].append(enc.num_supervised)
         out["truncated"].append(enc.truncated)
+        out["source"].append(source)  # the entry of dataset.names it came from, for the mix
     return out
 
 
@@ -541,13 +546,14 @@ def prepare(cfg: DatasetConfig, template_cfg: TemplateConfig, tokenizer: Any, to
     try:
         features = datasets.Features({
             "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
-            "tools": datasets.Value("string"),
+            "tools": datasets.Value("string"), "source": datasets.Value("int32"),
         })
         with _progress_bars():
             try:
                 raw = datasets.Dataset.from_generator(
                     _records, features=features, cache_dir=str(tmp / "work"), fingerprint=f"{key}-records",
-                    gen_kwargs={"entries": entries, "cfg": cfg, "template": template, "stats": stats})
+                    # A tuple: a list would be split into shards, one generator call each, losing the positions.
+                    gen_kwargs={"entries": tuple(entries), "cfg": cfg, "template": template, "stats": stats})
             except Exception as err:
                 cause: BaseException | None = err
                 while cause is not None and not isinstance(cause, DataError):
@@ -569,7 +575,7 @@ def prepare(cfg: DatasetConfig, template_cfg: TemplateConfig, tokenizer: Any, to
                     "input_ids": datasets.List(datasets.Value("int32")),
                     "labels": datasets.List(datasets.Value("int32")),
                     "length": datasets.Value("int32"), "supervised": datasets.Value("int32"),
-                    "truncated": datasets.Value("bool")}))
+                    "truncated": datasets.Value("bool"), "source": datasets.Value("int32")}))
         stats.dropped_overlong = len(raw) - len(tokenized)
         if len(tokenized) == 0:
             raise _all_too_long(cfg)
@@ -583,6 +589,10 @@ def prepare(cfg: DatasetConfig, template_cfg: TemplateConfig, tokenizer: Any, to
             parts = {"train": split["train"], "eval": split["test"]}
         else:
             parts = {"train": tokenized, "eval": tokenized.select([])}
+        try:  # after the split, so that no repeated record is also held out
+            parts["train"], stats.mix = mix_split(parts["train"], list(cfg.names), resolve_mix(cfg), seed)
+        except MixError as err:
+            raise DataError(str(err)) from None
         for name, part in parts.items():
             counts = part.select_columns(["length", "supervised", "truncated"]).with_format("arrow")[:]
             if name == "train":
@@ -592,7 +602,7 @@ def prepare(cfg: DatasetConfig, template_cfg: TemplateConfig, tokenizer: Any, to
                 stats.truncated = _column_sum(counts, "truncated")
             else:
                 stats.eval_records = len(part)
-            part.remove_columns(["supervised", "truncated"]).save_to_disk(str(tmp / name))
+            part.remove_columns(["supervised", "truncated", "source"]).save_to_disk(str(tmp / name))
             if len(part):
                 pack_dataset(datasets.load_from_disk(str(tmp / name)), cfg.cutoff_len, cfg.packing,
                              tmp / f"{name}_rows.npz")

@@ -2,8 +2,9 @@
 
 Composes the same config as ``python -m launcher`` (same Hydra overrides), prepares the data the same way (and so
 reuses or fills the same cache), then prints statistics — records read, used, dropped for errors (by reason) and
-for length, tokens, the supervised-token fraction, a length histogram — and N prepared samples with the trained
-tokens marked: green on a terminal, inside ⟦…⟧ otherwise. Everything outside the marks has label -100.
+for length, tokens, the supervised-token fraction, per dataset the records available and used, repeats and token
+share, a length histogram — and N prepared samples with the trained tokens marked: green on a terminal, inside ⟦…⟧
+otherwise. Everything outside the marks has label -100.
 
 The launcher writes the same report (without colour) to ``<run_dir>/data_report.txt`` at every training start.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.data import DataStats
+from launcher.mixing import mix_table
 from launcher.templates import IGNORE_INDEX
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
@@ -77,6 +79,7 @@ def report(data_path: Path, stats: DataStats, tokenizer: Any, cutoff_len: int, s
     lines.append(f"truncated:           {stats.truncated} (earlier turns dropped to fit)")
     frac = stats.supervised_tokens / max(stats.tokens, 1)
     lines.append(f"tokens:              {stats.tokens:,} ({stats.supervised_tokens:,} supervised, {frac:.1%})")
+    lines += mix_table(stats.mix)
     lines.append("")
     lines.append("record lengths (tokens):")
     lines += histogram(record_lengths(train), cutoff_len)  # from Arrow in bulk, not per record

@@ -291,7 +291,14 @@ def test_every_input_changes_the_cache_key(tmp_path: Path) -> None:
         "max_samples": key(dataclasses.replace(cfg, max_samples=3)),
         "template": key(t=template("qwen")),
         "template slot": key(t=dataclasses.replace(template(), default_system="x")),
+        "mix weights": key(dataclasses.replace(cfg, weights=[1.0])),
+        "mix size": key(dataclasses.replace(cfg, mix_size="2x")),
     }
+    assert key(dataclasses.replace(cfg, mix_size="2x", mix_by="tokens")) != changed["mix size"]
+    # Settings that give the same mix share the cache: no weights with under/over is every record once.
+    assert key(dataclasses.replace(cfg, mix_size="over", mix_by="tokens")) == base
+    assert key(dataclasses.replace(cfg, mix_strategy="interleave_over", interleave_probs="2")) == \
+        key(dataclasses.replace(cfg, weights=[2.0], mix_size="over"))
     (tok / "tokenizer_config.json").write_text((tok / "tokenizer_config.json").read_text().replace("2048", "4096"))
     changed["tokenizer file"] = key()
     shutil.copytree(TOKENIZER_DIR, tok, dirs_exist_ok=True)

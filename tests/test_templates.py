@@ -179,7 +179,7 @@ def test_to_jinja_renders_what_render_renders(name: str, case: str, tokenizer) -
         t.render(prompt, add_generation_prompt=True)
 
 
-@pytest.mark.parametrize("name", ["llama3", "qwen"])
+@pytest.mark.parametrize("name", ["llama3", "qwen", "llama3_rag_lf"])
 @pytest.mark.parametrize("with_system", [False, True])
 def test_to_jinja_renders_tools(name: str, with_system: bool, tokenizer) -> None:
     t = load_template(name, tokenizer)
@@ -230,7 +230,7 @@ def test_llama3_rag_has_the_korean_rag_system_prompt(tokenizer) -> None:
 
 
 def test_tool_turns_need_a_template_with_tool_slots(tokenizer) -> None:
-    for name in ("gemma", "mistral", "default"):
+    for name in ("gemma", "mistral", "default", "lf_default"):
         t = load_template(name, tokenizer)
         with pytest.raises(TemplateError, match="tool support"):
             t.encode(TOOL_CONV)
@@ -369,7 +369,7 @@ def test_check_rejects_exactly_what_render_rejects(name: str, case: str, tokeniz
         checks = False
     assert renders == checks
     if case in ("ends with a user turn", "two user turns", "late system message", "reply first", "tools"):
-        assert not renders or (case == "tools" and name in ("llama3", "llama3_rag", "qwen"))
+        assert not renders or (case == "tools" and name in ("llama3", "llama3_rag", "llama3_rag_lf", "qwen"))
 
 
 @pytest.mark.parametrize("name", ["gemma", "llama2", "mistral", "llama3"])
@@ -409,3 +409,63 @@ def test_exported_chat_template_gives_the_training_prompt_ids(name: str, tokeniz
     n = len(ids)
     assert enc.input_ids[:n] == list(ids)
     assert all(x == IGNORE_INDEX for x in enc.labels[:n]) and enc.labels[n] != IGNORE_INDEX
+
+
+# ------------------------------------------------------------------------------------------------ LLaMA-Factory's own
+# How LLaMA-Factory 0.9.5 itself encodes these conversations (its SupervisedDatasetProcessor on the tiny tokenizer),
+# written by scripts/llamafactory_goldens.py: models trained there with `default` or `llama3-rag` see these ids.
+LF_GOLDENS = json.loads((FIXTURES / "llamafactory_0_9_5.json").read_text(encoding="utf-8"))
+LF_PAIRS = [("lf_default", "default"), ("llama3_rag_lf", "llama3-rag")]
+
+
+@pytest.mark.parametrize("ours,theirs", LF_PAIRS)
+@pytest.mark.parametrize("case", sorted(LF_GOLDENS["templates"]["default"]))
+def test_equals_llamafactory_0_9_5(ours: str, theirs: str, case: str, tokenizer) -> None:
+    gold = LF_GOLDENS["templates"][theirs][case]
+    t = load_template(ours, tokenizer)
+    enc = t.encode(gold["messages"])
+    assert enc.input_ids == gold["input_ids"]
+    assert enc.labels == gold["labels"]
+    assert t.render(gold["messages"]) == gold["text"]
+
+
+def test_lf_default_puts_eos_after_every_slot(tokenizer) -> None:
+    eos = tokenizer.eos_token
+    t = load_template("lf_default", tokenizer)
+    assert t.render([SYSTEM, *MULTI_EN]) == (f"System: You are terse.{eos}\nHuman: Name a colour.{eos}\nAssistant:Blue."
+                                             f"{eos}\nHuman: Another one?{eos}\nAssistant:Green.{eos}\n")
+    # Its neighbour, today's default: no eos after the system and user turns, a space after "Assistant:", and the
+    # newline between turns is an untrained separator.
+    assert load_template("default", tokenizer).render([SYSTEM, *MULTI_EN]) == (
+        f"System: You are terse.\nHuman: Name a colour.\nAssistant: Blue.{eos}\nHuman: Another one?\nAssistant: "
+        f"Green.{eos}")
+    assert t.render(MULTI_EN[:3], add_generation_prompt=True).endswith(f"Human: Another one?{eos}\nAssistant:")
+    enc = t.encode(MULTI_EN)
+    assert trained_text(enc, tokenizer) == f"Blue.{eos}\nGreen.{eos}\n"
+    eos_id = tokenizer.eos_token_id
+    assert enc.input_ids.count(eos_id) == 4 and [enc.labels[i] for i, x in enumerate(enc.input_ids) if x == eos_id] \
+        == [IGNORE_INDEX, eos_id, IGNORE_INDEX, eos_id]  # the user turns' eos is prompt, the replies' is trained
+
+
+def test_llama3_rag_lf_has_no_blank_line_after_the_assistant_header(tokenizer) -> None:
+    ours, neighbour = load_template("llama3_rag_lf", tokenizer), load_template("llama3_rag", tokenizer)
+    header = "<|start_header_id|>assistant<|end_header_id|>"
+    conv = [SYSTEM, *MULTI_EN]
+    assert ours.render(conv) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
+        f"<|start_header_id|>user<|end_header_id|>\n\nName a colour.<|eot_id|>{header}Blue.<|eot_id|>"
+        f"<|start_header_id|>user<|end_header_id|>\n\nAnother one?<|eot_id|>{header}Green.<|eot_id|>")
+    assert ours.render(conv) == neighbour.render(conv).replace(header + "\n\n", header)  # the only difference
+    assert ours.cfg.default_system == neighbour.cfg.default_system and ours.render(SINGLE).startswith(
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + neighbour.cfg.default_system)
+    # Token by token: the reply starts right after <|end_header_id|>, and it is the first trained token.
+    enc = ours.encode(SINGLE)
+    first = next(i for i, lab in enumerate(enc.labels) if lab != IGNORE_INDEX)
+    assert enc.input_ids[first - 1] == tokenizer.convert_tokens_to_ids("<|end_header_id|>")
+    assert enc.input_ids[first:] == enc.labels[first:] == \
+        tokenizer("4.", add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|eot_id|>")]
+    # Served with the same text: the exported chat template's generation prompt ends at the bare header, and a
+    # tool result hands over to the reply the same way.
+    prompt = _hf(tokenizer, ours.to_jinja(), to_openai_messages(SINGLE[:1]), add_generation_prompt=True)
+    assert prompt == ours.render(SINGLE[:1], add_generation_prompt=True) and prompt.endswith("<|eot_id|>" + header)
+    assert ours.render(TOOL_CONV, tools=normalize_tools(TOOLS)).count(header + "서울은") == 1
