@@ -152,6 +152,13 @@ def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
         say(f"eval data: {estats.used} records of {', '.join(cfg.eval.datasets)}, {estats.tokens:,} tokens "
             f"({estats.supervised_tokens:,} supervised): {eval_path}")
         cfg.eval_data_path = str(eval_path)
+    from launcher.evaluate.generation import prepare_prompts
+
+    n_prompts = prepare_prompts(cfg, tokenizer, run_dir)
+    if n_prompts:
+        say(f"generation eval: {n_prompts} held-out prompts of {', '.join(cfg.eval.generate.datasets)}, answered "
+            f"{'before training, ' if cfg.eval.generate.before else ''}"
+            f"{f'every {cfg.eval.generate.steps} steps and ' if cfg.eval.generate.steps else ''}after training")
     cfg.data_path = str(data_path)
     cfg.run_dir = str(run_dir)
     write_run_config(cfg, run_dir)
@@ -343,6 +350,9 @@ def run(dcfg: DictConfig) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = to_object(dcfg)
     validate(cfg)
+    from launcher.evaluate.generation import check_config
+
+    check_config(cfg.eval.generate)
     from launcher.model import check_available
 
     check_available(cfg.model)  # before the memory planner, which reads the model's config.json

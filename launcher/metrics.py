@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
 
+from launcher.evaluate.generation import GENERATIONS_FILE, Result, append_generations, gain_lines
 from launcher.templates import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -314,7 +315,7 @@ _WANDB_NAMES = {
 
 
 def wandb_name(key: str) -> str:
-    return _WANDB_NAMES.get(key, f"perf/{key}")
+    return _WANDB_NAMES.get(key, key if "/" in key else f"perf/{key}")
 
 
 class WandbRun:
@@ -356,6 +357,20 @@ class WandbRun:
         except Exception as err:  # noqa: BLE001
             self._fail(err)
 
+    def log_table(self, key: str, rows: list[dict[str, Any]], step: int) -> None:
+        """Rows of one generation evaluation as a W&B table (prompt id, reference, prediction, metrics)."""
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            cols = ["step", "id", "dataset", "reference", "prediction", "metrics"]
+            data = [[r["step"], r["id"], r["dataset"], r["reference"], r["prediction"], json.dumps(r["metrics"])]
+                    for r in rows]
+            self.run.log({key: wandb.Table(columns=cols, data=data)}, step=step)
+        except Exception as err:  # noqa: BLE001
+            self._fail(err)
+
     def finish(self, summary: dict[str, Any], exit_code: int = 0) -> None:
         if self.run is None:
             return
@@ -385,6 +400,7 @@ class MetricsLogger:
         self.first_loss: float | None = None
         self.last_loss: float | None = None
         self.eval_losses: list[tuple[int, float]] = []
+        self.generations: list[dict[str, Any]] = []  # {step, scores, records_per_s} of each generation eval
         self.tokens = self.supervised = 0
         self.flops = 0.0
         self.step_seconds = self.data_seconds = 0.0
@@ -508,7 +524,7 @@ class MetricsLogger:
 
     # ---- evaluation
     def log_eval(self, step: int, result: dict[str, float]) -> None:
-        """Record an evaluation (``result`` from :class:`launcher.evaluate.Evaluator`); rank 0 prints and logs it."""
+        """Record an evaluation (``result`` from :class:`launcher.evaluate.loss.Evaluator`); rank 0 prints and logs it."""
         self.eval_losses.append((step, result["loss"]))
         if not self.enabled:
             return
@@ -516,6 +532,23 @@ class MetricsLogger:
                            "eval_supervised_tokens": result["supervised_tokens"], "eval_seconds": result["seconds"]})
         self._progress.print(f"eval  {step:>5}/{self.total_steps}  loss {result['loss']:.4f}  "
                              f"({result['supervised_tokens']:,} supervised tokens, {result['seconds']:.1f}s)")
+
+    def log_generation(self, result: Result | None) -> None:
+        """Record a generation evaluation (only rank 0 has a result): metrics.jsonl, eval_generations.jsonl, a
+        table on the console and in W&B."""
+        if not self.enabled or result is None:
+            return
+        self.generations.append({"step": result.step, "scores": result.scores,
+                                 "records_per_s": round(result.records_per_s, 3)})
+        self._write(result.step, {"step": result.step, **result.flat()})
+        append_generations(self.run_dir / GENERATIONS_FILE, result)
+        self._progress.print(f"generate  {result.step:>5}/{self.total_steps}  {len(result.rows)} answers in "
+                             f"{result.seconds:.1f}s ({result.records_per_s:.2f} records/s), "
+                             f"{self.run_dir / GENERATIONS_FILE}")
+        for line in result.table():
+            self._progress.print("  " + line)
+        if self._wandb:
+            self._wandb.log_table("generate/answers", result.rows, result.step)
 
     # ---- end
     def summary(self, steps: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -543,6 +576,7 @@ class MetricsLogger:
             "peak_device_bytes": self.peak_device or None,
             "eval_loss": self.eval_losses[-1][1] if self.eval_losses else None,
             "best_eval_loss": min(v for _, v in self.eval_losses) if self.eval_losses else None,
+            "generation": self.generations,
             **(extra or {}),
         }
         if self.enabled:
@@ -574,7 +608,7 @@ def format_summary(s: dict[str, Any]) -> list[str]:
                else f"peak host memory +{s['peak_host_bytes'] / GIB:.2f} GiB per rank")
         lines.append(f"throughput {s['tokens_per_s']:,.0f} tok/s ({s['tokens_per_s_per_device']:,.0f} per device), "
                      f"{perf}, data wait {s['data_wait_fraction']:.1%} of step time, {mem}")
-    return lines
+    return lines + gain_lines(s.get("generation") or [])
 
 
 def plot_losses(metrics_path: Path, out: Path, title: str = "") -> Path:

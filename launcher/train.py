@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from launcher.backends import Backend, make_backend
 from launcher.checkpoint import StopRequest, complete_checkpoints, resume, save_checkpoint
 from launcher.config import Config, load_run_config
-from launcher.evaluate import Evaluator
+from launcher.evaluate.generation import GenerationEval
+from launcher.evaluate.loss import Evaluator
 from launcher.metrics import MetricsLogger
 from launcher.model import apply_finetune, load_model, load_tokenizer
 from launcher.packing import (ISOLATING_ATTENTION, LEAK_TOLERANCE, RowLoader, RowPlan, isolation_leak, load_plan,
@@ -167,6 +168,8 @@ def run(run_dir: str | Path) -> dict:
     pad_id = load_tokenizer(cfg.model).pad_token_id
     metrics = MetricsLogger(cfg, run_dir, backend, total_steps, pad_id)  # its host baseline: before the model
     evaluator = Evaluator.from_config(cfg, backend.rank, backend.world_size, pad_id)
+    generation = GenerationEval.from_run(cfg, run_dir, load_tokenizer(cfg.model), backend.rank, backend.world_size,
+                                         backend.device)
     model = backend.build(partial(build_model, cfg), total_steps)
     model.train()
     if cfg.dataset.packing:
@@ -174,6 +177,8 @@ def run(run_dir: str | Path) -> dict:
     state = resume(backend, run_dir, cfg)
 
     metrics.start(model)
+    if generation and cfg.eval.generate.before and state.step == 0:  # the base model, to show the gain
+        metrics.log_generation(generation.run(model, 0, backend.autocast()))
     stream = micro_batches(loader, state.micro_batch)
     gas, every = cfg.train.grad_accum, cfg.train.save_steps
     stopped, ckpt, slots = False, None, 0.0
@@ -188,6 +193,8 @@ def run(run_dir: str | Path) -> dict:
         if evaluator and ((cfg.eval.steps and state.step % cfg.eval.steps == 0) or state.step == total_steps):
             metrics.log_eval(state.step, evaluator.run(model, token_loss_sum, backend.all_reduce_sum, backend.device,
                                                        backend.autocast()))
+        if generation and generation.due(state.step, total_steps):
+            metrics.log_generation(generation.run(model, state.step, backend.autocast()))
         stopped = stop.requested(backend)
         if stopped or state.step == total_steps or (every and state.step % every == 0):
             ckpt = save_checkpoint(backend, model, run_dir, state, cfg.train.save_total_limit)
