@@ -178,7 +178,7 @@ def run(run_dir: str | Path) -> dict:
 
     metrics.start(model)
     if generation and cfg.eval.generate.before and state.step == 0:  # the base model, to show the gain
-        metrics.log_generation(generation.run(model, 0, backend.autocast()))
+        metrics.log_generation(generation.run(model, 0, backend.autocast(), backend.generating(model)))
     stream = micro_batches(loader, state.micro_batch)
     gas, every = cfg.train.grad_accum, cfg.train.save_steps
     stopped, ckpt, slots = False, None, 0.0
@@ -194,7 +194,8 @@ def run(run_dir: str | Path) -> dict:
             metrics.log_eval(state.step, evaluator.run(model, token_loss_sum, backend.all_reduce_sum, backend.device,
                                                        backend.autocast()))
         if generation and generation.due(state.step, total_steps):
-            metrics.log_generation(generation.run(model, state.step, backend.autocast()))
+            metrics.log_generation(generation.run(model, state.step, backend.autocast(),
+                                                        backend.generating(model)))
         stopped = stop.requested(backend)
         if stopped or state.step == total_steps or (every and state.step % every == 0):
             ckpt = save_checkpoint(backend, model, run_dir, state, cfg.train.save_total_limit)

@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -290,19 +290,22 @@ class GenerationEval:
             cut.append(seq if end is None else seq[:end + 1])
         return cut
 
-    def run(self, model: torch.nn.Module, step: int, autocast: Any = None) -> Result | None:
-        """Generate on every rank (all call this together); rank 0 returns the scored result, others None."""
+    def run(self, model: torch.nn.Module, step: int, autocast: Any = None,
+            context: AbstractContextManager | None = None) -> Result | None:
+        """Generate on every rank (all call this together) inside ``context`` (the backend's ``generating``);
+        rank 0 returns the scored result, others None."""
         t0 = time.time()
         was_training = model.training
         model.eval()
         answers: dict[int, list[int]] = {}
         try:
-            for k in range(self.calls):
-                batch = self.mine[k] if k < len(self.mine) else self.placeholder
-                with autocast or nullcontext():
-                    new = self.generate(model, batch)
-                if k < len(self.mine):
-                    answers.update(zip(batch, new))
+            with context or nullcontext():
+                for k in range(self.calls):
+                    batch = self.mine[k] if k < len(self.mine) else self.placeholder
+                    with autocast or nullcontext():
+                        new = self.generate(model, batch)
+                    if k < len(self.mine):
+                        answers.update(zip(batch, new))
         finally:
             model.train(was_training)
         if self.world_size > 1:
