@@ -231,7 +231,7 @@ class SqlMetricConfig:
 
     schema_field: str = "input"  # the record field (as in the data file) holding the CREATE TABLE statements
     timeout_s: float = 2.0  # per query; a prediction past it counts as a timeout
-    rows_per_table: int = 30  # generated rows in each table
+    rows_per_table: int = 50  # generated rows in each table
     databases: int = 3  # generated databases an answer must match the reference on
 
 

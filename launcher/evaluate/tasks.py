@@ -59,7 +59,7 @@ class SqlSettings:
     """How SQL answers are executed (``eval.generate.sql`` in the config)."""
 
     timeout_s: float = 2.0  # per query
-    rows_per_table: int = 30
+    rows_per_table: int = 50
     databases: int = 3  # the answer must match the reference on each
     max_rows: int = 100_000  # a result larger than this counts as an error (a runaway join)
     seed: int = 0
@@ -98,7 +98,9 @@ def extract_sql(text: str) -> str:
 _LIT = r"('(?:[^']|'')*'|-?\d+(?:\.\d+)?)"
 _COMPARE = re.compile(r"(?:\w+\.)?(\w+)\s*(?:=|==|!=|<>|>=|<=|<|>|\bNOT\s+LIKE\b|\bLIKE\b)\s*" + _LIT, re.I)
 _BETWEEN = re.compile(r"(?:\w+\.)?(\w+)\s+BETWEEN\s+" + _LIT + r"\s+AND\s+" + _LIT, re.I)
-_STRFTIME = re.compile(r"strftime\(\s*'[^']*'\s*,\s*(?:\w+\.)?(\w+)\s*\)\s*(?:=|>=|<=|<|>)\s*" + _LIT, re.I)
+# strftime('%Y', d) = '2024' and AVG(score) >= 70 tie the literal to the column inside the call.
+_CALL = re.compile(r"(?:strftime\(\s*'[^']*'\s*,|\b(?:AVG|SUM|MIN|MAX)\()\s*(?:\w+\.)?(\w+)\s*\)\s*"
+                   r"(?:=|!=|<>|>=|<=|<|>)\s*" + _LIT, re.I)
 
 
 def _literal(text: str) -> str | float:
@@ -107,9 +109,9 @@ def _literal(text: str) -> str | float:
 
 def column_literals(sql: str) -> dict[str, list[str | float]]:
     """Literals the query compares each column with (``city = '서울'``, ``salary >= 5000``, ``BETWEEN``,
-    ``strftime('%Y', d) = '2024'``): lower-cased column name -> values, so generated rows can satisfy filters."""
+    ``strftime('%Y', d) = '2024'``, ``AVG(score) >= 70``): lower-cased column name -> values, so generated rows can satisfy filters."""
     tied: dict[str, list[str | float]] = {}
-    for pattern in (_COMPARE, _BETWEEN, _STRFTIME):
+    for pattern in (_COMPARE, _BETWEEN, _CALL):
         for col, *lits in pattern.findall(sql):
             tied.setdefault(col.lower(), []).extend(_literal(x) for x in lits)
     return tied
@@ -151,11 +153,12 @@ def _value(typ: str, name: str, tied: dict[str, list[str | float]], pool: list[s
 
 def _cell(i: int, name: str, typ: str, pk: int, tied: dict, pool: list[str], rng: random.Random, n: int) -> Any:
     """Row ``i``'s value of one column. Integer primary keys count 1..n and ``*_id`` columns draw from 1..n,
-    so joins on ids find partners."""
+    so joins on ids find partners; skewed towards small ids, so that groups of many sizes occur (``HAVING
+    COUNT(*) >= 10`` selects some groups and not others)."""
     if "INT" in typ.upper() and pk:
         return i + 1
     if "INT" in typ.upper() and name.lower().endswith("_id"):
-        return rng.randint(1, n)
+        return min(n, 1 + int(n * rng.random() ** 3))
     return _value(typ, name, tied, pool, rng)
 
 
