@@ -109,11 +109,12 @@ class Prompt:
     tools: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _record_fields(record: Any, prompt_text: str, names: list[str], g: GenerateConfig, where: str,
-                   reference: str) -> dict[str, Any]:
+def _record_fields(record: Any, prompt_text: str, reference: str, names: list[str], g: GenerateConfig,
+                   dataset: str, where: str) -> dict[str, Any]:
     """What the metrics need from one record; raises ConfigError naming the record, the key and the fix."""
     fields: dict[str, Any] = {}
-    fix = f"or drop the metric for this dataset (eval.generate.metrics={{{where.split(',')[0]}: [exact_match]}})"
+    fix = f"or drop the metric for this dataset (eval.generate.metrics={{{dataset}: [exact_match]}})"
+    where = f"{dataset}, {where}"
     if "sql_exec" in names:
         schema = record.get(g.sql.schema_field) if isinstance(record, dict) else None
         if not isinstance(schema, str) or "create table" not in schema.lower():
@@ -123,7 +124,8 @@ def _record_fields(record: Any, prompt_text: str, names: list[str], g: GenerateC
         try:
             sql_exec(reference, reference, schema, SqlSettings(databases=1, timeout_s=g.sql.timeout_s))
         except ValueError as err:
-            raise ConfigError(f"{where}: metric sql_exec cannot score this record: {err}. Fix the record, {fix}.")
+            raise ConfigError(f"{where}: metric sql_exec cannot score this record: {err}. Fix the record, "
+                              f"{fix}.") from None
         fields["schema"] = schema
     if "citation" in names:
         docs = document_ids(record if isinstance(record, dict) else {}, prompt_text, g.citation.documents_field)
@@ -157,7 +159,7 @@ def load_prompts(cfg: Config, template: Template) -> list[Prompt]:
                 except TemplateError as err:
                     raise DataError(f"{where}: {err}.") from None
                 prompt_text = "\n".join(m["content"] for m in msgs[:-1])
-                fields = _record_fields(record, prompt_text, names, g, f"{entry.name}, {where}", msgs[-1]["content"])
+                fields = _record_fields(record, prompt_text, msgs[-1]["content"], names, g, entry.name, where)
                 out.append(Prompt(f"{entry.name}/{n}", entry.name, msgs[:-1], msgs[-1]["content"], names, fields,
                                   tools))
                 n += 1
