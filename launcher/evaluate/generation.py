@@ -163,6 +163,9 @@ def load_prompts(cfg: Config, template: Template) -> list[Prompt]:
                 out.append(Prompt(f"{entry.name}/{n}", entry.name, msgs[:-1], msgs[-1]["content"], names, fields,
                                   tools))
                 n += 1
+        if n == 0:
+            raise DataError(f"dataset {entry.name!r} ({', '.join(map(str, entry.files))}) holds no records to "
+                            f"answer: fix eval.generate.datasets.")
     return out
 
 
@@ -349,7 +352,7 @@ def gain_lines(results: list[dict[str, Any]]) -> list[str]:
     lines = []
     for d, s in last["scores"].items():
         parts = []
-        for k in ("sql_exec", "exact_match", "citation_recall", "not_found_accuracy"):
+        for k in ("sql_exec", "sql_error", "exact_match", "citation_recall", "not_found_accuracy"):
             if k in s:
                 before = first["scores"].get(d, {}).get(k)
                 parts.append(f"{k} {before:.1%} (step {first['step']}) -> {s[k]:.1%} (step {last['step']})"
