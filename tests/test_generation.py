@@ -76,3 +76,16 @@ def test_same_answers_on_every_backend(tmp_path, tokenizer) -> None:
     assert len(single) == 5 and 0 < sum(stopped for *_, stopped in single) < 5, single
     assert answers["zero3"] == single
     assert answers["fsdp"] == single
+
+
+def _evaluate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher.evaluate", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_names_the_problem_with_its_input(tmp_path) -> None:
+    r = _evaluate(str(tmp_path / "missing"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "config.json").write_text("{}")  # a model folder that names no run
+    r = _evaluate(str(tmp_path))
+    assert r.returncode == 2 and "--run RUN_DIR" in r.stderr and "Traceback" not in r.stderr
