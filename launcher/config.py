@@ -268,7 +268,8 @@ class GenerateConfig:
 @dataclass
 class EvalConfig:
     """Held-out loss: same masking and normalisation as training (Σ token losses / supervised tokens over the
-    whole eval set, across ranks). Eval data comes from `dataset.val_size` or from `eval.datasets`."""
+    whole eval set, across ranks). Eval data comes from `dataset.val_size` or from `eval.datasets`. Generation
+    with task metrics is `eval.generate`."""
 
     steps: int = 0  # evaluate every N optimizer steps; 0: only once at the end (when there is eval data)
     # dataset_info.json entries (in dataset.dir) used as the validation set, instead of dataset.val_size.

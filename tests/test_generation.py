@@ -89,3 +89,25 @@ def test_cli_names_the_problem_with_its_input(tmp_path) -> None:
     (tmp_path / "config.json").write_text("{}")  # a model folder that names no run
     r = _evaluate(str(tmp_path))
     assert r.returncode == 2 and "--run RUN_DIR" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_rag_answers_are_decoded_cut_and_scored(tmp_path, tokenizer) -> None:
+    """Scoring on rank 0: token ids -> text without the stop token -> citation metrics, averaged per dataset."""
+    records = [{"instruction": "[[doc-1]]\n서울은 수도다.\n[[doc-2]]\n부산은 항구다.\n\n질문: 수도는?", "output": "서울 [[doc-1]]"},
+               {"instruction": "[[doc-1]]\n서울은 수도다.\n\n질문: 화성의 수도는?",
+                "output": "검색 결과에서 답을 찾을 수 없습니다."}]
+    (tmp_path / "rag.json").write_text(json.dumps(records, ensure_ascii=False))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"rag": {"file_name": "rag.json"}}))
+    cfg = to_object(_compose(f"dataset.dir={tmp_path}", "eval.generate.datasets=[rag]",
+                             "eval.generate.metrics=[citation,exact_match]"))
+    template = Template(cfg.template, tokenizer)
+    ev = GenerationEval(load_prompts(cfg, template), template, cfg.eval.generate, 0, 1, torch.device("cpu"))
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    said = ["서울 [[doc-1]] [[doc-7]]", "검색 결과에서 답을 찾을 수 없습니다."]
+    answers = {i: tokenizer.encode(t, add_special_tokens=False) + [eot] for i, t in enumerate(said)}
+    result = ev.scored(3, answers, 1.0)
+    assert [r["prediction"] for r in result.rows] == said and all(r["stopped"] for r in result.rows)
+    assert result.rows[0]["metrics"]["citation_valid"] == 0.0  # doc-7 does not exist
+    assert result.scores["rag"] == {"citation_valid": 0.0, "citation_precision": 0.5, "citation_recall": 1.0,
+                                    "not_found_accuracy": 1.0, "not_found_recall": 1.0, "exact_match": 0.5}
+    assert result.flat()["generate/rag/citation_recall"] == 1.0 and "rag" in result.table()[1]
