@@ -15,6 +15,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from launcher.evaluate.tasks import DOCUMENT_HEADER
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -240,8 +242,10 @@ class CitationMetricConfig:
     """How ``citation`` reads a RAG record (launcher/evaluate/tasks.py)."""
 
     # The record field with the documents (a list of {"id": ...} objects or of ids, or an {id: text} object);
-    # records without it have their documents' ids read from ``[[doc-id]]`` headers in the prompt.
+    # records without it have their documents' ids read from the headers in the prompt that match
+    # `document_header` at a line start (group 1 is the id): "[doc-12] title" or "[[doc-12]]" by default.
     documents_field: str = "documents"
+    document_header: str = DOCUMENT_HEADER
     # An answer containing this phrase says the documents do not hold the answer (the llama3_rag system prompt's).
     not_found: str = "검색 결과에서 답을 찾을 수 없습니다"
 

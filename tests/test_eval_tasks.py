@@ -146,6 +146,10 @@ def test_document_ids_from_a_field_or_the_prompt() -> None:
     assert document_ids({"documents": [{"id": "a", "text": "..."}, {"id": "b"}]}, "", "documents") == ["a", "b"]
     assert document_ids({"documents": {"a": "...", "b": "..."}}, "", "documents") == ["a", "b"]
     assert document_ids({}, "[[doc-1]]\n본문\n[[doc-2]]\n본문", "documents") == ["doc-1", "doc-2"]
+    # The shipped RAG sample (scripts/make_rag_ko.py): "[doc-NNNN] title" headers in the user turn.
+    prompt = "질문: 면적은?\n검색 결과:\n\n[doc-6208] 마다솔전자 개요\n본문 [[doc-1]] 인용\n\n[doc-0711] 개요\n본문"
+    assert document_ids({}, prompt, "documents") == ["doc-6208", "doc-0711"]
+    assert document_ids({}, "<d id=a>\n<d id=b>", "", r"^<d id=(\w+)>") == ["a", "b"]
 
 
 # ------------------------------------------------------------------------------------------------ config

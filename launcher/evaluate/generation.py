@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,6 +79,11 @@ def config_problems(g: GenerateConfig) -> list[str]:
                  "entries of dataset_info.json to answer, e.g. eval.generate.datasets=[text2sql_ko_heldout].")
     if g.max_samples is not None and g.max_samples < 1:
         e.append(f"eval.generate.max_samples={g.max_samples} must be at least 1 (or null for all records).")
+    try:
+        if re.compile(g.citation.document_header).groups < 1:
+            e.append("eval.generate.citation.document_header needs a group for the id, e.g. ^\\[([^\\]]+)\\].")
+    except re.error as err:
+        e.append(f"eval.generate.citation.document_header is not a regular expression ({err}).")
     if g.sql.timeout_s <= 0 or g.sql.rows_per_table < 1 or g.sql.databases < 1:
         e.append("eval.generate.sql: timeout_s must be positive, rows_per_table and databases at least 1.")
     return e
@@ -128,12 +134,14 @@ def _record_fields(record: Any, prompt_text: str, reference: str, names: list[st
                               f"{fix}.") from None
         fields["schema"] = schema
     if "citation" in names:
-        docs = document_ids(record if isinstance(record, dict) else {}, prompt_text, g.citation.documents_field)
+        docs = document_ids(record if isinstance(record, dict) else {}, prompt_text, g.citation.documents_field,
+                            g.citation.document_header)
         if not docs:
             raise ConfigError(f"{where}: metric citation needs {NEEDS['citation']}: a field "
                               f"{g.citation.documents_field!r} (eval.generate.citation.documents_field) or "
-                              f"[[doc-id]] headers in the prompt; this record has neither. Point "
-                              f"eval.generate.citation.documents_field at the field that lists them, {fix}.")
+                              f"document headers in the prompt (eval.generate.citation.document_header, e.g. "
+                              f"'[doc-12] title'); this record has neither. Point one of the two at where its "
+                              f"documents are, {fix}.")
         fields["documents"] = docs
     return fields
 

@@ -291,15 +291,20 @@ def citation(prediction: str, reference: str, documents: list[str], not_found: s
     }
 
 
-def document_ids(record: dict[str, Any], prompt_text: str, field: str) -> list[str]:
+# A document header at the start of a line: "[doc-12] title" or "[[doc-12]]"; group 1 is the id.
+DOCUMENT_HEADER = r"^\[\[?\s*([^\[\]\n]+?)\s*\]\]?"
+
+
+def document_ids(record: dict[str, Any], prompt_text: str, field: str, header: str = DOCUMENT_HEADER) -> list[str]:
     """The ids of a record's documents: its ``field`` (a list of {"id", ...} objects or of ids, or an {id: text}
-    object) when present, else the ``[[doc-id]]`` headers in the prompt text."""
+    object) when present, else the ids of the document headers (regular expression ``header``, group 1 the id,
+    matched at line starts) in the prompt text."""
     docs = record.get(field) if field else None
     if isinstance(docs, dict):
         return [str(k) for k in docs]
     if isinstance(docs, list):
         return [str(d.get("id", d.get("doc_id", ""))) if isinstance(d, dict) else str(d) for d in docs]
-    return citations(prompt_text)
+    return list(dict.fromkeys(re.findall(header, prompt_text, re.M)))
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
