@@ -30,14 +30,15 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from launcher.checkpoint import CheckpointError, consolidated_state_dict
+from launcher.checkpoint import CheckpointError
 from launcher.config import Config, ConfigError, GenerateConfig, load_run_config
 from launcher.data import DataError
 from launcher.evaluate.generation import (GENERATIONS_FILE, GenerationEval, append_generations, check_config,
                                           load_prompts)
-from launcher.export import ExportError, find_checkpoint
+from launcher.export import consolidated_state_dict, find_checkpoint
 from launcher.model import load_model, load_tokenizer, materialize
 from launcher.templates import Template
+from launcher.train import build_model
 
 
 def say(msg: str) -> None:
@@ -73,8 +74,6 @@ def merged_run(folder: Path, run: str | None) -> tuple[Path, int | None]:
 
 def load_checkpoint_model(cfg: Config, ckpt: Path) -> torch.nn.Module:
     """The trained model of a checkpoint of any backend, in one process (LoRA merged into the base)."""
-    from launcher.train import build_model
-
     model = build_model(cfg, torch.float32, False)
     state = consolidated_state_dict(ckpt)
     missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(state)
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     try:
         return run(args)
-    except (ConfigError, DataError, ExportError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError) as err:
         say(f"error: {err}")
         return 2
 
