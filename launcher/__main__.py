@@ -48,6 +48,7 @@ def prepare_run(cfg: Config, spec: RunSpec) -> None:
     """Everything before the workers: model files, data, then config.yaml (checked against an earlier run's when
     resuming in the same run directory) and run.json."""
     from launcher.data import prepare
+    from launcher.evaluate.generation import prepare_prompts
     from launcher.integrity import check_same_data, checked_resume
     from launcher.model import load_tokenizer, materialize
     from launcher.packing import load_plan, plan_path
@@ -93,6 +94,11 @@ def prepare_run(cfg: Config, spec: RunSpec) -> None:
             eval_path, estats, _ = prepare(eval_cfg, cfg.template, tokenizer, tok_dir, cfg.train.seed)
         say(f"eval data: {estats.used} records of {', '.join(cfg.eval.datasets)}, {estats.tokens:,} tokens "
             f"({estats.supervised_tokens:,} supervised): {eval_path}")
+    n_prompts = prepare_prompts(cfg, tokenizer, run_dir)
+    if n_prompts:
+        say(f"generation eval: {n_prompts} held-out prompts of {', '.join(cfg.eval.generate.datasets)}, answered "
+            f"{'before training, ' if cfg.eval.generate.before else ''}"
+            f"{f'every {cfg.eval.generate.steps} steps and ' if cfg.eval.generate.steps else ''}after training")
     write_run_config(cfg, run_dir)
     spec.with_data(data_path, eval_path).write()
     if ckpt is not None:
@@ -269,6 +275,9 @@ def run(dcfg: DictConfig) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = to_object(dcfg)
     validate(cfg)
+    from launcher.evaluate.generation import check_config
+
+    check_config(cfg.eval.generate)
     from launcher.model import check_available
 
     check_available(cfg.model)  # before the memory planner, which reads the model's config.json

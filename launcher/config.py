@@ -22,6 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from launcher import backends
+from launcher.evaluate.tasks import DOCUMENT_HEADER
 from launcher.mixing import problems as mix_problems
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -255,15 +256,59 @@ class LoggerConfig:
 
 
 @dataclass
+class SqlMetricConfig:
+    """How ``sql_exec`` runs SQL answers (launcher/evaluate/tasks.py)."""
+
+    schema_field: str = "input"  # the record field (as in the data file) holding the CREATE TABLE statements
+    timeout_s: float = 2.0  # per query; a prediction past it counts as a timeout
+    rows_per_table: int = 50  # generated rows in each table
+    databases: int = 3  # generated databases an answer must match the reference on
+
+
+@dataclass
+class CitationMetricConfig:
+    """How ``citation`` reads a RAG record (launcher/evaluate/tasks.py)."""
+
+    # The record field with the documents (a list of {"id": ...} objects or of ids, or an {id: text} object);
+    # records without it have their documents' ids read from the headers in the prompt that match
+    # `document_header` at a line start (group 1 is the id): "[doc-12] title" or "[[doc-12]]" by default.
+    documents_field: str = "documents"
+    document_header: str = DOCUMENT_HEADER
+    # An answer containing this phrase says the documents do not hold the answer (the llama3_rag system prompt's).
+    not_found: str = "검색 결과에서 답을 찾을 수 없습니다"
+
+
+@dataclass
+class GenerateConfig:
+    """Generation evaluation: greedy answers to held-out prompts, scored with task metrics, during training (on
+    every backend) and by ``python -m launcher.evaluate`` for a finished model."""
+
+    # dataset_info.json entries (in dataset.dir) whose prompts are answered; empty: no generation eval.
+    datasets: list[str] = field(default_factory=list)
+    max_samples: Optional[int] = 32  # per dataset, from the start of each file
+    # Metrics for every dataset ([exact_match, sql_exec]), or per dataset ({text2sql_ko_heldout: [sql_exec]}).
+    # Known: exact_match, sql_exec (needs a schema), citation (needs documents).
+    metrics: Any = field(default_factory=lambda: ["exact_match"])
+    steps: int = 0  # generate every N optimizer steps; 0: only after training
+    before: bool = False  # also before the first step, so the gain over the base model is visible
+    max_new_tokens: int = 128
+    batch_size: int = 8  # prompts per generate call on each rank
+    sql: SqlMetricConfig = field(default_factory=SqlMetricConfig)
+    citation: CitationMetricConfig = field(default_factory=CitationMetricConfig)
+
+
+@dataclass
 class EvalConfig:
     """Held-out loss: same masking and normalisation as training (Σ token losses / supervised tokens over the
-    whole eval set, across ranks). Eval data comes from `dataset.val_size` or from `eval.datasets`."""
+    whole eval set, across ranks). Eval data comes from `dataset.val_size` or from `eval.datasets`. Generation
+    with task metrics is `eval.generate`."""
 
     steps: int = 0  # evaluate every N optimizer steps; 0: only once at the end (when there is eval data)
     # dataset_info.json entries (in dataset.dir) used as the validation set, instead of dataset.val_size.
     datasets: list[str] = field(default_factory=list)
     max_samples: Optional[int] = None  # per validation dataset, from the start of each file
     micro_batch_size: Optional[int] = None  # rows per rank per eval forward; None: train.micro_batch_size
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
 @dataclass

@@ -28,7 +28,8 @@ from launcher.backends import backend_for, make_backend
 from launcher.backends.base import Backend
 from launcher.checkpoint import StopRequest, complete_checkpoints, resume, save_checkpoint
 from launcher.config import Config, load_run_config
-from launcher.evaluate import Evaluator
+from launcher.evaluate.generation import GenerationEval
+from launcher.evaluate.loss import Evaluator
 from launcher.failures import lost_peer, write_record
 from launcher.metrics import FlopCounter, MetricsLogger
 from launcher.metrics.memory import MIB, device_peak, host_rss, lifetime_peak_rss
@@ -188,6 +189,7 @@ def run(run_dir: str | Path) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     loader, total_steps = build_loader(cfg, spec, backend, tokenizer.pad_token_id)
     evaluator = Evaluator.from_config(cfg, spec, backend.rank, backend.world_size, tokenizer.pad_token_id)
+    generation = GenerationEval.from_run(cfg, run_dir, tokenizer, backend.rank, backend.world_size, backend.device)
     host_before_model = host_rss()[0]  # what the memory planner's estimate is checked against
     model = backend.build(partial(build_model, cfg), total_steps)
     model.train()
@@ -197,6 +199,8 @@ def run(run_dir: str | Path) -> dict:
 
     metrics = MetricsLogger(cfg, run_dir, backend, total_steps, tokenizer.pad_token_id, FlopCounter.from_model(model),
                             host_before_model)
+    if generation and cfg.eval.generate.before and state.step == 0:  # the base model, to show the gain
+        metrics.log_generation(generation.run(model, 0, backend.autocast(), backend.generating(model)))
     stream = micro_batches(loader, state.micro_batch)
     gas, every = cfg.train.grad_accum, cfg.train.save_steps
     stopped, ckpt, slots = False, None, 0.0
@@ -212,6 +216,9 @@ def run(run_dir: str | Path) -> dict:
         if evaluator and ((cfg.eval.steps and state.step % cfg.eval.steps == 0) or state.step == total_steps):
             metrics.log_eval(state.step, evaluator.run(model, token_loss_sum, backend.all_reduce_sum, backend.device,
                                                        backend.autocast()))
+        if generation and generation.due(state.step, total_steps):
+            metrics.log_generation(generation.run(model, state.step, backend.autocast(),
+                                                        backend.generating(model)))
         stopped = stop.requested(backend)
         if stopped or state.step == total_steps or (every and state.step % every == 0):
             ckpt = save_checkpoint(backend, model, run_dir, state, cfg.train.save_total_limit)

@@ -225,7 +225,7 @@ def test_eval_loss_is_token_weighted_over_the_whole_set_and_world_size_independe
     import datasets
     import torch.nn.functional as F
 
-    from launcher.evaluate import Evaluator
+    from launcher.evaluate.loss import Evaluator
     from launcher.train import token_loss_sum
 
     g = torch.Generator().manual_seed(0)

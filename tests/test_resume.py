@@ -24,13 +24,14 @@ import pytest
 import torch
 
 from launcher.checkpoint import COMPLETE, complete_checkpoints, config_changes
-from tests.conftest import ROOT, run_launcher
+from tests.conftest import GENERATE_OFF, ROOT, run_launcher
 from tests.test_backends import losses_of, overrides_for, train
 
 
 def _start(*overrides: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "launcher", *overrides, "merge.after_train=false"], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "launcher", *overrides, "merge.after_train=false",
+                             *GENERATE_OFF], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -53,6 +53,9 @@ class Backend(Protocol):
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor: ...
 
+    def generating(self, model: torch.nn.Module) -> AbstractContextManager:
+        """The context ``model.generate`` runs in (every rank enters it together)."""
+
     def param_counts(self) -> tuple[int, int]:
         """(parameter elements this rank holds, parameter elements of the whole model)."""
 

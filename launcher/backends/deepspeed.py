@@ -131,6 +131,9 @@ class DeepSpeedBackend(ProcessGroupMixin):
                                                config=self.ds_config)
         return self.engine
 
+    def generating(self, model: torch.nn.Module) -> AbstractContextManager:
+        return nullcontext()  # ZeRO-3 gathers each module's parameters in its forward, wherever it is called from
+
     def autocast(self) -> AbstractContextManager:
         return nullcontext()  # the engine runs the module in its own dtype
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import os
 import warnings
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -108,6 +108,19 @@ class FSDPBackend(ProcessGroupMixin):
         # Created after sharding, so it holds (and its state is) this rank's shards only.
         self.opt, self.sched = make_optimizer(self.cfg, trainable(model), total_steps)
         return model
+
+    @contextmanager
+    def generating(self, model: torch.nn.Module) -> Iterator[None]:
+        """FSDP2 gathers the root's own parameters (embeddings, norm, head) in the root's forward, which a wrapped
+        model's ``generate`` bypasses (PEFT calls the inner model): hold them gathered while generating. The
+        decoder layers gather their own in their forwards as usual."""
+        state = model._get_fsdp_state()
+        state._lazy_init()  # the root must be initialised as root before any inner module runs forward
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
 
     def autocast(self) -> AbstractContextManager:
         return nullcontext()  # FSDP2's MixedPrecisionPolicy casts the gathered parameters itself

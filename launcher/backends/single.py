@@ -37,6 +37,9 @@ class SingleBackend:
         self.opt, self.sched = make_optimizer(self.cfg, trainable(self.model), total_steps)
         return self.model
 
+    def generating(self, model: torch.nn.Module) -> AbstractContextManager:
+        return nullcontext()
+
     def autocast(self) -> AbstractContextManager:
         dtype = compute_dtype(self.cfg.model)
         return nullcontext() if dtype == torch.float32 else torch.autocast(self.device.type, dtype=dtype)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from launcher.evaluate.generation import GENERATIONS_FILE, Result, append_generations
 from launcher.metrics.flops import (PEAK_BF16_FLOPS, FlopCounter, device_peak_flops, peak_flops_for,
                                     real_token_mask)
 from launcher.metrics.memory import GIB, device_peak, host_rss, reset_peak_memory
@@ -71,6 +72,7 @@ class MetricsLogger:
         self.first_loss: float | None = None
         self.last_loss: float | None = None
         self.eval_losses: list[tuple[int, float]] = []
+        self.generations: list[dict[str, Any]] = []  # {step, scores, records_per_s} of each generation eval
         self.tokens = self.supervised = 0
         self.flops = 0.0
         self.step_seconds = self.data_seconds = 0.0
@@ -186,7 +188,8 @@ class MetricsLogger:
 
     # ---- evaluation
     def log_eval(self, step: int, result: dict[str, float]) -> None:
-        """Record an evaluation (``result`` from :class:`launcher.evaluate.Evaluator`); rank 0 prints and logs it."""
+        """Record an evaluation (``result`` from :class:`launcher.evaluate.loss.Evaluator`); rank 0 prints and logs
+        it."""
         self.eval_losses.append((step, result["loss"]))
         if not self.enabled:
             return
@@ -194,6 +197,23 @@ class MetricsLogger:
                            "eval_supervised_tokens": result["supervised_tokens"], "eval_seconds": result["seconds"]})
         self._progress.print(f"eval  {step:>5}/{self.total_steps}  loss {result['loss']:.4f}  "
                              f"({result['supervised_tokens']:,} supervised tokens, {result['seconds']:.1f}s)")
+
+    def log_generation(self, result: Result | None) -> None:
+        """Record a generation evaluation (only rank 0 has a result): metrics.jsonl, eval_generations.jsonl, a
+        table on the console and in W&B."""
+        if not self.enabled or result is None:
+            return
+        self.generations.append({"step": result.step, "scores": result.scores,
+                                 "records_per_s": round(result.records_per_s, 3)})
+        self._write(result.step, {"step": result.step, **result.flat()})
+        append_generations(self.run_dir / GENERATIONS_FILE, result)
+        self._progress.print(f"generate  {result.step:>5}/{self.total_steps}  {len(result.rows)} answers in "
+                             f"{result.seconds:.1f}s ({result.records_per_s:.2f} records/s), "
+                             f"{self.run_dir / GENERATIONS_FILE}")
+        for line in result.table():
+            self._progress.print("  " + line)
+        if self._wandb:
+            self._wandb.log_table("generate/answers", result.rows, result.step)
 
     # ---- end
     def summary(self, steps: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -220,6 +240,7 @@ class MetricsLogger:
             "peak_device_bytes": self.peak_device or None,
             "eval_loss": self.eval_losses[-1][1] if self.eval_losses else None,
             "best_eval_loss": min(v for _, v in self.eval_losses) if self.eval_losses else None,
+            "generation": self.generations,
             **(extra or {}),
         }
         if self.enabled:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import matplotlib
 from omegaconf import OmegaConf
 
+from launcher.evaluate.generation import gain_lines
 from launcher.metrics.memory import GIB
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ _WANDB_NAMES = {
 
 
 def wandb_name(key: str) -> str:
-    return _WANDB_NAMES.get(key, f"perf/{key}")
+    return _WANDB_NAMES.get(key, key if "/" in key else f"perf/{key}")
 
 
 class WandbRun:
@@ -71,6 +72,20 @@ class WandbRun:
         except Exception as err:  # noqa: BLE001
             self._fail(err)
 
+    def log_table(self, key: str, rows: list[dict[str, Any]], step: int) -> None:
+        """Rows of one generation evaluation as a W&B table (prompt id, reference, prediction, metrics)."""
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            cols = ["step", "id", "dataset", "reference", "prediction", "metrics"]
+            data = [[r["step"], r["id"], r["dataset"], r["reference"], r["prediction"], json.dumps(r["metrics"])]
+                    for r in rows]
+            self.run.log({key: wandb.Table(columns=cols, data=data)}, step=step)
+        except Exception as err:  # noqa: BLE001
+            self._fail(err)
+
     def finish(self, summary: dict[str, Any], exit_code: int = 0) -> None:
         if self.run is None:
             return
@@ -97,7 +112,7 @@ def format_summary(s: dict[str, Any]) -> list[str]:
                else f"peak host memory +{s['peak_host_bytes'] / GIB:.2f} GiB per rank")
         lines.append(f"throughput {s['tokens_per_s']:,.0f} tok/s ({s['tokens_per_s_per_device']:,.0f} per device), "
                      f"{perf}, data wait {s['data_wait_fraction']:.1%} of step time, {mem}")
-    return lines
+    return lines + gain_lines(s.get("generation") or [])
 
 
 def plot_losses(metrics_path: Path, out: Path, title: str = "") -> Path:
