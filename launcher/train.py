@@ -22,12 +22,13 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from launcher.attention import PACKED, attention_of, kernel
 from launcher.backends import Backend, make_backend
 from launcher.checkpoint import StopRequest, complete_checkpoints, resume, save_checkpoint
 from launcher.config import Config, load_run_config
 from launcher.evaluate import Evaluator
 from launcher.metrics import MetricsLogger
-from launcher.model import apply_finetune, load_model, load_tokenizer
+from launcher.model import apply_finetune, compute_dtype, load_model, load_tokenizer
 from launcher.packing import (ISOLATING_ATTENTION, LEAK_TOLERANCE, RowLoader, RowPlan, isolation_leak, load_plan,
                               packed_forward, plan_path, varlen_attention)
 from launcher.preflight import check_ranks
@@ -82,8 +83,7 @@ def forward_backward(model: torch.nn.Module, batches: list[dict[str, torch.Tenso
 
 def refuse_leaking_packing(model: torch.nn.Module, cfg: Config, vocab_size: int, backend: Backend) -> None:
     """Stop before training if this model lets packed records attend to each other (checked on the real model)."""
-    flatten = varlen_attention(cfg.model.attn_implementation)
-    leak = isolation_leak(model, vocab_size, backend.device, flatten=flatten)
+    leak = isolation_leak(model, vocab_size, backend.device, flatten=varlen_attention(attention_of(cfg)))
     if leak <= LEAK_TOLERANCE:
         return
     if backend.rank != 0:
@@ -112,13 +112,14 @@ def build_loader(cfg: Config, backend: Backend) -> tuple[RowLoader, int]:
     ds = datasets.load_from_disk(str(Path(cfg.data_path) / "train"))
     rows = load_rows(cfg)
     loader = RowLoader(ds, rows, cfg.train.micro_batch_size, backend.rank, backend.world_size, cfg.train.seed,
-                       load_tokenizer(cfg.model).pad_token_id, flatten=varlen_attention(cfg.model.attn_implementation))
+                       load_tokenizer(cfg.model).pad_token_id, flatten=varlen_attention(attention_of(cfg)))
     return loader, plan_steps(len(rows), cfg, backend.world_size)[0]
 
 
 def build_model(cfg: Config, dtype: torch.dtype, empty: bool) -> torch.nn.Module:
     """The model with its fine-tuning method applied (what every backend's ``build`` wraps)."""
-    model = load_model(cfg.model, dtype, empty=empty, quantize_4bit=cfg.finetune.method == "qlora")
+    model = load_model(cfg.model, dtype, empty=empty, quantize_4bit=cfg.finetune.method == "qlora",
+                       packing=cfg.dataset.packing)
     torch.manual_seed(cfg.train.seed)  # adapter init must not depend on how each backend loaded the base
     return apply_finetune(model, cfg.finetune)
 
@@ -153,7 +154,7 @@ def run(run_dir: str | Path) -> dict:
     """
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    if cfg.dataset.packing and cfg.model.attn_implementation not in ISOLATING_ATTENTION:
+    if cfg.dataset.packing and attention_of(cfg) not in ISOLATING_ATTENTION:
         raise SystemExit(f"model.attn_implementation={cfg.model.attn_implementation!r} cannot keep packed records "
                          f"apart; use one of {', '.join(ISOLATING_ATTENTION)} or dataset.packing=false.")
     stop = StopRequest()
@@ -196,13 +197,20 @@ def run(run_dir: str | Path) -> dict:
         ckpt = complete_checkpoints(run_dir)[-1]
     summary = metrics.summary(state.step, {
         "world_size": backend.world_size, "checkpoint": str(ckpt), "stopped": stopped,
-        "packing": loader.rows.stats.as_dict(), "padding_fraction": round(1 - metrics.tokens / max(slots, 1.0), 6),
+        "packing": loader.rows.stats.as_dict(), "attention": attention_used(cfg, backend),
+        "padding_fraction": round(1 - metrics.tokens / max(slots, 1.0), 6),
         **resource_facts(backend, rss_before_model)})
     if backend.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     stop.close()
     backend.close()
     return summary
+
+
+def attention_used(cfg: Config, backend: Backend) -> str:
+    """The attention implementation the model runs, and for ``packed`` the kernel on this device."""
+    attn = attention_of(cfg)
+    return f"{attn} ({kernel(backend.device, compute_dtype(cfg.model))})" if attn == PACKED else attn
 
 
 def resource_facts(backend: Backend, rss_before_model: float) -> dict:

@@ -48,7 +48,7 @@ def records(tokenizer) -> list[dict[str, list[int]]]:
 
 
 # --------------------------------------------------------------------------------------------- isolation
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "packed"])
 @pytest.mark.parametrize("flatten", [False, True])
 def test_packed_logits_equal_each_record_alone(attn: str, flatten: bool, records) -> None:
     """A micro-batch of several packed rows, padded to the longest, through the worker's own forward call."""
@@ -99,9 +99,10 @@ def _opt_model() -> torch.nn.Module:
 
 
 def test_isolation_check_passes_llama_and_catches_a_leaking_architecture() -> None:
-    for attn in ("eager", "sdpa"):
+    for attn in ("eager", "sdpa", "packed"):
         assert isolation_leak(tiny_model(attn), 4096, torch.device("cpu")) <= 1e-6
-    assert isolation_leak(tiny_model("sdpa"), 4096, torch.device("cpu"), flatten=True) <= 1e-6
+    for attn in ("sdpa", "packed"):
+        assert isolation_leak(tiny_model(attn), 4096, torch.device("cpu"), flatten=True) <= 1e-6
     # OPT in transformers 5.23 ignores packed position ids: its records attend to each other.
     assert isolation_leak(_opt_model(), 512, torch.device("cpu")) > LEAK_TOLERANCE * 10
 
@@ -124,16 +125,18 @@ def _assert_same(a: tuple[float, dict], b: tuple[float, dict]) -> None:
         assert torch.allclose(a[1][name], b[1][name], atol=1e-5, rtol=0), name
 
 
-def test_packed_step_equals_unpacked_step_with_gradient_accumulation(records) -> None:
+@pytest.mark.parametrize("attn", ["sdpa", "packed"])
+def test_packed_step_equals_unpacked_step_with_gradient_accumulation(attn: str, records) -> None:
+    """Packed rows through ``attn`` against the same records unpacked through sdpa (today's unpacked path)."""
     r = records
     unpadded_ga3 = _step([collate([[x]], 0) for x in r[:3]])  # 3 micro-batches of one record each
-    packed_one_row = _step([collate([r[:3]], 0)])  # 1 micro-batch: one row holding all three
+    packed_one_row = _step([collate([r[:3]], 0)], attn)  # 1 micro-batch: one row holding all three
     _assert_same(packed_one_row, unpadded_ga3)
 
     unpacked_padded_ga2 = _step([collate([[x] for x in r[:3]], 0), collate([[x] for x in r[3:]], 0)])
-    packed_padded_mbs2 = _step([collate([r[0:4], r[4:6]], 0)])  # 2 rows, the shorter one padded
-    packed_ga2 = _step([collate([r[0:2], r[2:3]], 0), collate([r[3:6]], 0)])
-    packed_flat = _step([collate([r[0:2], r[2:6]], 0, flatten=True)])
+    packed_padded_mbs2 = _step([collate([r[0:4], r[4:6]], 0)], attn)  # 2 rows, the shorter one padded
+    packed_ga2 = _step([collate([r[0:2], r[2:3]], 0), collate([r[3:6]], 0)], attn)
+    packed_flat = _step([collate([r[0:2], r[2:6]], 0, flatten=True)], attn)
     _assert_same(packed_padded_mbs2, unpacked_padded_ga2)
     _assert_same(packed_ga2, unpacked_padded_ga2)
     _assert_same(packed_flat, unpacked_padded_ga2)
