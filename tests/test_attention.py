@@ -99,3 +99,20 @@ def test_soft_capped_logits_are_refused_with_the_fix() -> None:
     q, k, v = (torch.randn(1, h, 4, HEAD_DIM) for h in (HEADS, KV_HEADS, KV_HEADS))
     with pytest.raises(ValueError, match="attn_implementation=eager"):
         packed_attention(_Attn(), q, k, v, None, softcap=30.0, **{"cu_seq_lens_q": torch.tensor([0, 4])})
+
+
+def test_a_model_trained_with_packed_attention_saves_a_config_plain_transformers_loads(tmp_path) -> None:
+    """The attention choice is not written to config.json: merged/exported folders load with from_pretrained alone."""
+    from transformers import AutoModelForCausalLM
+
+    from launcher.config import ModelConfig
+    from launcher.model import load_model, materialize
+
+    cfg = ModelConfig(name_or_path="models/tiny_llama", init="random")
+    materialize(cfg)
+    model = load_model(cfg, packing=True)
+    assert model.config._attn_implementation == PACKED
+    model.save_pretrained(tmp_path)
+    assert PACKED not in (tmp_path / "config.json").read_text()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+
