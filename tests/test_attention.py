@@ -80,6 +80,58 @@ def test_sliding_window_matches_transformers_window(flatten: bool) -> None:
     _compare([[7, 2, 3], [12]], flatten, window=4)
 
 
+def _windowed_sdpa(q, k, v, cu, scale, left: int, right: int) -> torch.Tensor:
+    """What a varlen kernel computes, on (tokens, heads, dim): key j is seen by query i when i-left <= j <= i+right
+    (-1: unbounded), within each sequence of ``cu``; the stand-in for the CUDA-only kernels below."""
+    bounds, outs = cu.tolist(), []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        qi, ki, vi = (t[s:e].transpose(0, 1) for t in (q, k, v))
+        ki, vi = (t.repeat_interleave(qi.shape[0] // t.shape[0], dim=0) for t in (ki, vi))
+        d = torch.arange(e - s)[:, None] - torch.arange(e - s)[None, :]  # i - j
+        allowed = (d >= -right if right >= 0 else torch.ones_like(d, dtype=torch.bool)) & \
+            (d <= left if left >= 0 else torch.ones_like(d, dtype=torch.bool))
+        outs.append(torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=allowed, scale=scale))
+    return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+def _torch_varlen_2_13(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                       window_size=(-1, -1), enable_gqa=False):
+    assert cu_seq_q.dtype == torch.int32 and q.dim() == 3 and (enable_gqa or k.shape[1] == q.shape[1])
+    return _windowed_sdpa(q, k, v, cu_seq_q, scale, *window_size)
+
+
+def _torch_varlen_2_10(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None, scale=None):
+    assert k.shape[1] == q.shape[1], "no GQA in this signature: heads must be repeated"
+    return _windowed_sdpa(q, k, v, cu_seq_q, scale, -1, 0 if is_causal else -1)
+
+
+def _flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False,
+                       window_size=(-1, -1), softcap=0.0):
+    assert causal and softcap == 0.0 and dropout_p == 0.0
+    return _windowed_sdpa(q, k, v, cu_q, softmax_scale, window_size[0], 0)
+
+
+@pytest.mark.parametrize("kernel_name,fake", [("torch varlen_attn", _torch_varlen_2_13),
+                                              ("torch varlen_attn", _torch_varlen_2_10),
+                                              ("flash_attn varlen", _flash_attn_varlen)])
+@pytest.mark.parametrize("flatten", [True, False])
+def test_cuda_kernel_calls_lay_out_tokens_and_windows_as_the_kernels_expect(kernel_name, fake, flatten,
+                                                                           monkeypatch) -> None:
+    """The varlen kernels run on CUDA only; here each is replaced by a CPU function with its signature and
+    semantics, to check what packed_attention hands them (layout, boundaries, causality, window, GQA) for torch
+    2.10-2.11's and 2.13's varlen_attn signatures and flash-attn's."""
+    import inspect
+
+    import launcher.attention as attention
+
+    monkeypatch.setattr(attention, "kernel", lambda *a: kernel_name)
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: (fake, frozenset(inspect.signature(fake).parameters)))
+    monkeypatch.setattr(attention, "_flash_attn", lambda: fake)
+    _compare(EVERY_LENGTH, flatten)
+    if fake is not _torch_varlen_2_10:  # that signature has no window: packed_attention computes per record
+        _compare([[7, 2, 3], [12]], flatten, window=4)
+
+
 def test_without_boundaries_each_row_is_one_causal_sequence() -> None:
     q, k, v = (torch.randn(2, h, 6, HEAD_DIM) for h in (HEADS, KV_HEADS, KV_HEADS))
     got, _ = packed_attention(_Attn(), q, k, v, None)
