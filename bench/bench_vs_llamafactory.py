@@ -7,7 +7,8 @@
 Both tools train the same weights (the embedded tiny Llama, materialised once by the launcher and loaded by
 LLaMA-Factory from that folder), on the same LLaMA-Factory data folder (``data/``, dataset ``text2sql_ko``, template
 llama3), cutoff 1024, float32, micro-batch 1, no gradient accumulation, packing on, gradient checkpointing off,
-AdamW, on one process and on DeepSpeed ZeRO-3 × 2 (CPU, gloo; one thread per worker, two for one process).
+AdamW, on one process and on DeepSpeed ZeRO-3 × 2 (CPU, gloo; OMP threads = cores / processes for both tools, or
+``--threads``: on a busy machine two threads per process can be several times slower than one).
 
 Variants, one process launch each, run in the same order every round so machine load hits all alike:
 
@@ -125,12 +126,17 @@ def lf_args(model_dir: Path, out: Path, neat: bool, steps: int, world: int, seed
     return args
 
 
+def threads_per_process(world: int, threads: int | None) -> int:
+    """What the launcher gives each worker by default (cores / workers), unless set for every variant."""
+    return threads or max(1, (os.cpu_count() or 2) // world)
+
+
 def run_lf(lf_venv: Path, model_dir: Path, pad_id: int, neat: bool, world: int, steps: int, tmp: Path,
-           port: int) -> list[list[float]]:
+           port: int, threads: int | None) -> list[list[float]]:
     """One LLaMA-Factory launch; [[step, time, real tokens of all ranks so far], ...]."""
     spec = {"args": lf_args(model_dir, tmp, neat, steps, world, 42), "out": str(tmp / "clock"), "pad_id": pad_id}
     (tmp / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // world)), "DISABLE_VERSION_CHECK": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_process(world, threads)), "DISABLE_VERSION_CHECK": "1",
            "HF_HUB_OFFLINE": "1", "WANDB_DISABLED": "true", "PYTHONPATH": "", "DS_ACCELERATOR": "cpu"}
     if world == 1:
         cmd = [str(lf_venv / "bin" / "python"), __file__, "--lf-worker", str(tmp / "spec.json")]
@@ -146,7 +152,7 @@ def run_lf(lf_venv: Path, model_dir: Path, pad_id: int, neat: bool, world: int, 
 
 
 # --------------------------------------------------------------------------------------------- launcher side
-def run_launcher(attn: str, world: int, steps: int, tmp: Path, port: int) -> list[list[float]]:
+def run_launcher(attn: str, world: int, steps: int, tmp: Path, port: int, threads: int | None) -> list[list[float]]:
     """One ``python -m launcher`` run; [[step, time, real tokens of all ranks so far], ...] from metrics.jsonl."""
     backend = ["backend=single"] if world == 1 else ["backend=deepspeed_zero3", f"launcher.nproc_per_node={world}",
                                                      f"launcher.master_port={port}"]
@@ -154,7 +160,8 @@ def run_launcher(attn: str, world: int, steps: int, tmp: Path, port: int) -> lis
                  "model.gradient_checkpointing=false", "template=llama3", "dataset.dir=data",
                  "dataset.names=[text2sql_ko]", "dataset.cutoff_len=1024", "dataset.packing=true",
                  "train.micro_batch_size=1", "train.grad_accum=1", f"train.max_steps={steps}", "train.log_every=1",
-                 "train.seed=42", "merge.after_train=false", "logger.plot=false", f"output_dir={tmp}"]
+                 "train.seed=42", "merge.after_train=false", "logger.plot=false", f"output_dir={tmp}",
+                 f"launcher.omp_num_threads={threads_per_process(world, threads)}"]
     r = subprocess.run([sys.executable, "-m", "launcher", *overrides], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=3600)
     if r.returncode != 0:
@@ -186,6 +193,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="first steps of each launch left out")
     ap.add_argument("--worlds", default="1,2", help="process counts to run (1: single, 2: ZeRO-3 × 2)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP threads per process for every variant (default: cores / processes, both tools)")
     ap.add_argument("--out", type=Path, default=None, help="JSON with every run (default: print only)")
     ap.add_argument("--lf-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -219,10 +228,10 @@ def main() -> None:
                 with tempfile.TemporaryDirectory(prefix=f"bench-{v}-") as tmp:
                     if v.startswith("launcher"):
                         clock = run_launcher("sdpa" if v == "launcher-sdpa" else "auto", world, args.steps, Path(tmp),
-                                             free_port())
+                                             free_port(), args.threads)
                     else:
                         clock = run_lf(args.lf_venv, model_dir, pad_id, v == "lf-neat", world, args.steps, Path(tmp),
-                                       free_port())
+                                       free_port(), args.threads)
                 load = os.getloadavg()[0]
                 r = {"round": rnd + 1, "world": world, "variant": v, **rate(clock, args.warmup), "load1": load}
                 runs.append(r)
