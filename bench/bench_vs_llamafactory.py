@@ -162,8 +162,11 @@ def run_launcher(attn: str, world: int, steps: int, tmp: Path, port: int, thread
                  "train.micro_batch_size=1", "train.grad_accum=1", f"train.max_steps={steps}", "train.log_every=1",
                  "train.seed=42", "merge.after_train=false", "logger.plot=false", f"output_dir={tmp}",
                  f"launcher.omp_num_threads={threads_per_process(world, threads)}"]
+    # backend=single trains inside the launcher's own process, which launcher.omp_num_threads does not reach (it
+    # sets the workers' environment): give the process the same thread count through its environment.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads_per_process(world, threads))}
     r = subprocess.run([sys.executable, "-m", "launcher", *overrides], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=3600)
+                       env=env, timeout=3600)
     if r.returncode != 0:
         sys.exit(f"launcher failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     (metrics,) = tmp.rglob("metrics.jsonl")
