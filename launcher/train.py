@@ -92,8 +92,9 @@ def refuse_leaking_packing(model: torch.nn.Module, cfg: Config, vocab_size: int,
         f"model {cfg.model.name_or_path} with model.attn_implementation={cfg.model.attn_implementation} lets packed "
         f"records attend to each other: in a start-up check, replacing one record changed the logits of the record "
         f"packed after it by {leak:.1e} (relative; isolated models give 0). Training on packed rows would mix "
-        f"records. Set dataset.packing=false (one record per row; the loss is the same, only slower), or use a "
-        f"model whose transformers implementation separates packed sequences by position_ids (Llama, Mistral, "
+        f"records. Set model.attn_implementation=auto (packed attention, which needs no mask: it keeps OPT's records "
+        f"apart, for one), or dataset.packing=false (one record per row; the loss is the same, only slower), or use "
+        f"a model whose transformers implementation separates packed sequences by position_ids (Llama, Mistral, "
         f"Qwen2, Gemma, GPT-NeoX do; OPT, Bloom, Falcon do not).")
 
 

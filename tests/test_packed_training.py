@@ -103,8 +103,12 @@ def test_isolation_check_passes_llama_and_catches_a_leaking_architecture() -> No
         assert isolation_leak(tiny_model(attn), 4096, torch.device("cpu")) <= 1e-6
     for attn in ("sdpa", "packed"):
         assert isolation_leak(tiny_model(attn), 4096, torch.device("cpu"), flatten=True) <= 1e-6
-    # OPT in transformers 5.23 ignores packed position ids: its records attend to each other.
+    # OPT in transformers 5.23 builds no block-diagonal mask from packed position ids: with sdpa its records attend
+    # to each other; packed attention keeps them apart (it never relies on a mask).
     assert isolation_leak(_opt_model(), 512, torch.device("cpu")) > LEAK_TOLERANCE * 10
+    opt = _opt_model()
+    opt.set_attn_implementation("packed")
+    assert isolation_leak(opt, 512, torch.device("cpu"), flatten=True) == 0.0
 
 
 # --------------------------------------------------------------------------------------------- loss normalisation
@@ -164,7 +168,8 @@ def _run_dir(out: Path) -> Path:
 
 @pytest.mark.slow
 def test_launcher_refuses_packing_for_a_model_that_leaks(tmp_path: Path, tokenizer) -> None:
-    """A tiny OPT (which ignores packed position ids) is refused with the fix named; packing=false then trains."""
+    """A tiny OPT (whose sdpa path ignores packed position ids) is refused with the fix named; packing=false, or the
+    default packed attention (which needs no mask), then trains."""
     from transformers import OPTConfig
 
     model_dir = tmp_path / "tiny_opt"
@@ -175,15 +180,18 @@ def test_launcher_refuses_packing_for_a_model_that_leaks(tmp_path: Path, tokeniz
         shutil.copy(f, model_dir / f.name)
     common = ["backend=single", f"model.name_or_path={model_dir}", "model.init=random", "dataset.max_samples=40",
               "train.max_steps=1", f"launcher.omp_num_threads=1"]
-    r = run_launcher(*common, f"output_dir={tmp_path / 'packed'}", timeout=300)
+    r = run_launcher(*common, "model.attn_implementation=sdpa", f"output_dir={tmp_path / 'packed'}", timeout=300)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "packing efficiency" in r.stderr, "the launcher reports the packing at start"
     assert "lets packed records attend to each other" in r.stderr and "dataset.packing=false" in r.stderr
     assert "Traceback" not in r.stderr
     assert not list((tmp_path / "packed").rglob("checkpoints")), "refused before any training step"
 
-    r = run_launcher(*common, "dataset.packing=false", f"output_dir={tmp_path / 'unpacked'}", timeout=300)
+    r = run_launcher(*common, "model.attn_implementation=sdpa", "dataset.packing=false",
+                     f"output_dir={tmp_path / 'unpacked'}", timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = run_launcher(*common, f"output_dir={tmp_path / 'packed_attention'}", timeout=300)
+    assert r.returncode == 0 and "attention: packed" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
 
 
 @pytest.mark.slow
