@@ -26,9 +26,10 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
 from launcher.attention import PACKED
@@ -322,8 +323,6 @@ def record_lengths(ds: Any, batch_size: int = 100_000) -> np.ndarray:
     """
     if "length" in ds.column_names:
         return ds.with_format("arrow")["length"].to_numpy().astype(np.int64)
-    import pyarrow.compute as pc
-
     ids = ds.select_columns(["input_ids"]).with_format("arrow")
     parts = [pc.list_value_length(b["input_ids"]).to_numpy() for b in ids.iter(batch_size=batch_size)]
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
@@ -420,6 +419,26 @@ def boundaries(lengths: Sequence[int]) -> dict[str, torch.Tensor]:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
+class TokenCounts(NamedTuple):
+    """What one collated micro-batch holds: the one definition training, evaluation and metrics count with.
+
+    ``tokens`` are the records' tokens (padding excluded), ``supervised`` those with a label, ``slots`` the
+    positions computed on (padding included: ``padding_fraction = 1 - tokens / slots``) and ``rows`` the packed
+    rows, which could hold ``rows × cutoff_len`` tokens (:attr:`PackStats.slots`; ``tokens`` over that is the
+    packing efficiency)."""
+
+    tokens: int
+    supervised: int
+    slots: int
+    rows: int
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> TokenCounts:
+    ids = batch["input_ids"]
+    return TokenCounts(int(batch["num_tokens"]), int((batch["labels"] != IGNORE_INDEX).sum()), ids.numel(),
+                       ids.shape[0])
+
+
 def packed_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits of a collated batch: position ids and sequence boundaries, no KV cache and no attention mask, so
     records stay apart.
@@ -437,7 +456,8 @@ def isolation_leak(model: torch.nn.Module, vocab_size: int, device: torch.device
 
     Two rows ``[A, B]`` and ``[A', B]`` of the same shape go through :func:`packed_forward` together; if the model
     keeps records apart, B's logits are identical in both (0.0 measured with transformers 5.23 for Llama, Mistral,
-    Qwen2, Gemma, GPT-2 and GPT-NeoX, eager and sdpa, float32 and bfloat16), and far from it when B sees A (0.004-0.3 for OPT, Bloom, Falcon).
+    Qwen2, Gemma, GPT-2 and GPT-NeoX, eager and sdpa, float32 and bfloat16), and far from it when B sees A (0.004-0.3 for
+    OPT, Bloom, Falcon with sdpa; packed attention, which needs no mask, keeps OPT's records apart).
     Every rank must call this (under ZeRO-3 the forward gathers parameters collectively).
     """
     g = torch.Generator().manual_seed(1234)
