@@ -261,6 +261,8 @@ def print_summary(run_dir: Path) -> None:
             say(line)
     if "padding_fraction" in s:
         say(f"padding: {s['padding_fraction']:.2%} of the token slots trained on were padding")
+    if s.get("attention"):
+        say(f"attention: {s['attention']}")
     say(f"checkpoint: {s['checkpoint']}")
     if s.get("loss_plot"):
         say(f"loss curve: {s['loss_plot']}")

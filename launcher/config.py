@@ -45,10 +45,11 @@ class ModelConfig:
     init_seed: int = 0
     # Compute dtype: "auto" is bfloat16 on GPU and float32 on CPU. Master weights stay float32 either way.
     dtype: str = "auto"
-    # "sdpa", "eager", "flash_attention_2" or "flash_attention_3". Packed rows stay isolated with each (see
-    # launcher/packing.py); the worker also checks the loaded model at start and refuses packed training on an
-    # architecture that ignores packed position ids (OPT, Bloom, Falcon in transformers 5.23).
-    attn_implementation: str = "sdpa"
+    # "auto" (packed rows: "packed", each record's own attention blocks only, see launcher/attention.py; otherwise
+    # "sdpa"), "packed", "sdpa", "eager", "flash_attention_2" or "flash_attention_3". Packed rows stay isolated with
+    # each (see launcher/packing.py); the worker also checks the loaded model at start and refuses packed training on
+    # an architecture that ignores packed position ids (OPT, Bloom, Falcon in transformers 5.23).
+    attn_implementation: str = "auto"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
 
@@ -457,7 +458,7 @@ def validate(cfg: Config) -> None:
     _choice(e, "model.init", cfg.model.init, ("pretrained", "random"))
     _choice(e, "model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16"))
     _choice(e, "model.attn_implementation", cfg.model.attn_implementation,
-            ("sdpa", "eager", "flash_attention_2", "flash_attention_3"))
+            ("auto", "packed", "sdpa", "eager", "flash_attention_2", "flash_attention_3"))
     _choice(e, "finetune.method", cfg.finetune.method, ("full", "lora", "qlora"))
     _choice(e, "dataset.overlong", cfg.dataset.overlong, ("truncate", "drop"))
     _choice(e, "dataset.on_error", cfg.dataset.on_error, ("raise", "skip"))

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from launcher.attention import resolve as resolve_attention
 from launcher.config import ConfigError, FinetuneConfig, ModelConfig, PROJECT_ROOT, resolve_path
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,9 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, empty: bool = False,
-               quantize_4bit: bool = False) -> torch.nn.Module:
-    """Load the causal LM for training: master weights in ``dtype``, no KV cache (which would defeat packing).
+               quantize_4bit: bool = False, packing: bool = False) -> torch.nn.Module:
+    """Load the causal LM for training: master weights in ``dtype``, no KV cache (which would defeat packing),
+    attention as configured (``auto``: packed attention when the rows are ``packing``, sdpa otherwise).
 
     ``empty=True`` builds the architecture with parameters on the meta device and reads no weights (buffers stay
     real): FSDP ranks other than 0 do this and receive their shard from rank 0, so host memory holds one copy of
@@ -103,8 +105,8 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, empty: bool
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=cfg.attn_implementation,
-                                  trust_remote_code=cfg.trust_remote_code)
+    attn = resolve_attention(cfg.attn_implementation, packing)
+    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
     if empty:
         from accelerate import init_empty_weights
 

@@ -4,11 +4,13 @@ Three rules keep packed training equal to unpacked training:
 
 * Each record keeps its own ``position_ids`` (restarting at 0) and its labels are shifted *inside* the record, so
   no token is ever trained to predict the first token of the next record.
-* The model is called with ``position_ids``, ``use_cache=False`` and **no** attention mask
-  (:func:`packed_forward`). transformers then derives a block-diagonal causal mask from the position ids (sdpa,
-  eager, flex) or runs the varlen kernel on the sequence boundaries we pass (flash-attention, for which a
-  micro-batch is flattened into one row, because transformers only goes varlen for a batch of one). With the KV
-  cache on, or a 2-D all-ones mask, records attend to each other (tests/test_packed_training.py pins this).
+* The model is called with ``position_ids``, the sequence boundaries :func:`collate` computed from the row plan
+  (``cu_seq_lens_*``), ``use_cache=False`` and **no** attention mask (:func:`packed_forward`). The default
+  ``packed`` attention (launcher/attention.py) computes each record's own blocks from the boundaries and no mask
+  is built; flash-attention runs its varlen kernel on them (both take a micro-batch flattened into one row,
+  because transformers only goes varlen for a batch of one); sdpa and eager ignore them and get a block-diagonal
+  causal mask that transformers derives from the position ids. With the KV cache on, or a 2-D all-ones mask,
+  records attend to each other (tests/test_packed_training.py pins this).
 * Some architectures ignore packed position ids (measured with transformers 5.23: OPT, Bloom, Falcon); the worker
   checks the real model once at start with :func:`isolation_leak` and refuses to train if records leak.
 
@@ -30,18 +32,20 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
+from launcher.attention import PACKED
 from launcher.templates import IGNORE_INDEX
 
-# Attention implementations that keep packed records apart given our batches (flash-attention through the
-# sequence boundaries of a flattened micro-batch, the others through the mask transformers builds from
-# position_ids). Whether a given *architecture* honours them is checked on the real model by isolation_leak().
-ISOLATING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+# Attention implementations that keep packed records apart given our batches (packed and flash-attention through
+# the sequence boundaries, the others through the mask transformers builds from position_ids). Whether a given
+# *architecture* honours them is checked on the real model by isolation_leak().
+ISOLATING_ATTENTION = (PACKED, "sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 
 def varlen_attention(attn_implementation: str) -> bool:
-    """Whether micro-batches must be flattened into one row with sequence boundaries (flash-attention: transformers
-    runs its varlen kernel only for a batch of one; with more rows it would let records attend to each other)."""
-    return attn_implementation.startswith("flash_attention")
+    """Whether micro-batches are flattened into one row with sequence boundaries: flash-attention needs it
+    (transformers runs its varlen kernel only for a batch of one; with more rows records would attend to each
+    other), and for ``packed`` it drops the padding of shorter rows from every layer's work."""
+    return attn_implementation == PACKED or attn_implementation.startswith("flash_attention")
 
 
 # Relative logit change a record may show when the record packed before it is replaced; isolated models give 0.
@@ -370,14 +374,17 @@ def pack_dataset(ds: Any, cutoff_len: int, packing: bool, out: Path) -> PackStat
 # --------------------------------------------------------------------------------------------- batches
 def collate(records: Sequence[Sequence[dict[str, Sequence[int]]]], pad_id: int,
             flatten: bool = False) -> dict[str, torch.Tensor]:
-    """Rows of records -> ``input_ids``, pre-shifted ``labels`` and per-record ``position_ids``.
+    """Rows of records -> ``input_ids``, pre-shifted ``labels``, per-record ``position_ids`` and the sequence
+    boundaries.
 
     ``labels[t]`` is the target for the token after ``input_ids[t]`` within the same record (-100 at each
     record's last token and on padding), so the loss needs no further shifting. Rows are padded to the longest;
     padding gets positions of its own (0, 1, ...), so it is a sequence that attends to nothing real.
 
-    ``flatten=True`` (flash-attention) concatenates all rows into one row without padding and adds the sequence
-    boundaries (``cu_seq_lens_*``, ``max_length_*``) that transformers hands to the varlen kernel.
+    ``flatten=True`` concatenates all rows into one row without padding. Either way the batch carries the
+    boundaries of its sequences over its tokens taken row after row (``cu_seq_lens_*``, padding counted as a
+    sequence, and ``max_length_*``), which transformers hands to the attention function: the ``packed`` and
+    flash-attention kernels compute each sequence on its own; sdpa and eager ignore them.
     ``num_tokens`` counts the real (non-padding) tokens.
     """
     recs = [rec for row in records for rec in row]
@@ -387,24 +394,29 @@ def collate(records: Sequence[Sequence[dict[str, Sequence[int]]]], pad_id: int,
     pos = np.concatenate([np.arange(n, dtype=np.int64) for n in lens])
     n_tokens = torch.tensor(len(ids))
     if flatten:
-        cu = torch.tensor(np.r_[0, np.cumsum(lens)], dtype=torch.int32)
-        longest = torch.tensor(max(lens))
         return {"input_ids": torch.from_numpy(ids)[None], "labels": torch.from_numpy(labels)[None],
-                "position_ids": torch.from_numpy(pos)[None], "num_tokens": n_tokens,
-                "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+                "position_ids": torch.from_numpy(pos)[None], "num_tokens": n_tokens, **boundaries(lens)}
     row_lens = [sum(len(rec["input_ids"]) for rec in row) for row in records]
     width = max(row_lens)
     out_ids = np.full((len(records), width), pad_id, dtype=np.int64)
     out_labels = np.full((len(records), width), IGNORE_INDEX, dtype=np.int64)
     out_pos = np.tile(np.arange(width, dtype=np.int64), (len(records), 1))
-    start = 0
-    for r, n in enumerate(row_lens):
+    start, seqs = 0, []
+    for r, (row, n) in enumerate(zip(records, row_lens)):
         out_ids[r, :n], out_labels[r, :n], out_pos[r, :n] = ids[start:start + n], labels[start:start + n], \
             pos[start:start + n]
         out_pos[r, n:] = np.arange(width - n)
         start += n
+        seqs += [len(rec["input_ids"]) for rec in row] + ([width - n] if n < width else [])
     return {"input_ids": torch.from_numpy(out_ids), "labels": torch.from_numpy(out_labels),
-            "position_ids": torch.from_numpy(out_pos), "num_tokens": n_tokens}
+            "position_ids": torch.from_numpy(out_pos), "num_tokens": n_tokens, **boundaries(seqs)}
+
+
+def boundaries(lengths: Sequence[int]) -> dict[str, torch.Tensor]:
+    """transformers' varlen keyword arguments for consecutive sequences of these lengths (queries = keys)."""
+    cu = torch.tensor(np.r_[0, np.cumsum(lengths)], dtype=torch.int32)
+    longest = torch.tensor(max(lengths))
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 class TokenCounts(NamedTuple):
@@ -428,17 +440,15 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> TokenCounts:
 
 
 def packed_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of a collated batch: position ids, no KV cache and no attention mask, so records stay apart.
+    """Logits of a collated batch: position ids and sequence boundaries, no KV cache and no attention mask, so
+    records stay apart.
 
     Never add a 2-D attention mask or leave the cache on here: transformers then ignores the packed position ids
     and every record attends to the ones before it in its row.
     """
-    varlen = {}
-    if "cu_seq_lens_q" in batch:
-        varlen = {"cu_seq_lens_q": batch["cu_seq_lens_q"], "cu_seq_lens_k": batch["cu_seq_lens_k"],
-                  "max_length_q": int(batch["max_length_q"]), "max_length_k": int(batch["max_length_k"])}
     return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                 **varlen).logits
+                 cu_seq_lens_q=batch["cu_seq_lens_q"], cu_seq_lens_k=batch["cu_seq_lens_k"],
+                 max_length_q=int(batch["max_length_q"]), max_length_k=int(batch["max_length_k"])).logits
 
 
 def isolation_leak(model: torch.nn.Module, vocab_size: int, device: torch.device, flatten: bool = False) -> float:
@@ -446,7 +456,8 @@ def isolation_leak(model: torch.nn.Module, vocab_size: int, device: torch.device
 
     Two rows ``[A, B]`` and ``[A', B]`` of the same shape go through :func:`packed_forward` together; if the model
     keeps records apart, B's logits are identical in both (0.0 measured with transformers 5.23 for Llama, Mistral,
-    Qwen2, Gemma, GPT-2 and GPT-NeoX, eager and sdpa, float32 and bfloat16), and far from it when B sees A (0.004-0.3 for OPT, Bloom, Falcon).
+    Qwen2, Gemma, GPT-2 and GPT-NeoX, eager and sdpa, float32 and bfloat16), and far from it when B sees A (0.004-0.3 for
+    OPT, Bloom, Falcon with sdpa; packed attention, which needs no mask, keeps OPT's records apart).
     Every rank must call this (under ZeRO-3 the forward gathers parameters collectively).
     """
     g = torch.Generator().manual_seed(1234)

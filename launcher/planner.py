@@ -32,7 +32,8 @@ the residual, SwiGLU's gate, up, activation and product):
 
 * per layer ``b·(9h + 4i) + 4h`` (float32) or ``+ 16h`` (bf16: RMSNorm's float32 copies of its input), plus sdpa's
   per-layer copy of the packed rows' block-diagonal mask (``b · cutoff_len``) or, for eager attention, the softmax
-  probabilities (``(4 + b) · heads · cutoff_len``);
+  probabilities (``(4 + b) · heads · cutoff_len``); the default ``packed`` attention builds no mask and its kernels
+  keep only a log-sum-exp per head (``4 · heads``, the same for all), so nothing grows with the row length;
 * with gradient checkpointing each layer keeps only its input (``b·h``) and one layer is recomputed at a time;
 * the head keeps ``3bh`` and the log-softmax of the logits (``4V``).
 
@@ -58,6 +59,7 @@ import psutil
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from launcher.attention import attention_of
 from launcher.backends import backend_for
 from launcher.config import Config, ConfigError, resolve_path
 from launcher.model import apply_finetune, compute_dtype, model_dir
@@ -146,7 +148,7 @@ def layer_bytes(s: ModelShape, row_len: int, b: int, attn: str) -> float:
         per += (4 + (b if b < 4 else 0)) * s.heads * row_len  # softmax probabilities (float32 and cast back)
     elif attn == "sdpa":
         per += b * row_len  # sdpa's per-layer copy of the block-diagonal mask of packed rows
-    return per
+    return per  # packed and flash-attention: no mask, nothing of O(row_len) per token
 
 
 def activation_bytes(s: ModelShape, tokens: int, row_len: int, b: int, checkpointing: bool,
@@ -165,7 +167,7 @@ def estimate(cfg: Config, shape: ModelShape, world_size: int, cuda: bool) -> Mem
     from the backend (its ``memory_plan``)."""
     b = 2 if compute_dtype(cfg.model) == torch.bfloat16 else 4
     tokens = cfg.train.micro_batch_size * cfg.dataset.cutoff_len
-    attn, ckpt = cfg.model.attn_implementation, cfg.model.gradient_checkpointing
+    attn, ckpt = attention_of(cfg), cfg.model.gradient_checkpointing
     act, transient = activation_bytes(shape, tokens, cfg.dataset.cutoff_len, b, ckpt, attn)
     act_other, _ = activation_bytes(shape, tokens, cfg.dataset.cutoff_len, b, not ckpt, attn)
     activations = MemoryPlan("", world_size=max(world_size, 1), parameters=0.0, gradients=0.0, optimizer=0.0,

@@ -24,6 +24,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 
+from launcher.attention import PACKED, attention_of, kernel
 from launcher.backends import backend_for, make_backend
 from launcher.backends.base import Backend
 from launcher.checkpoint import StopRequest, complete_checkpoints, resume, save_checkpoint
@@ -33,7 +34,7 @@ from launcher.evaluate.loss import Evaluator
 from launcher.failures import lost_peer, write_record
 from launcher.metrics import FlopCounter, MetricsLogger
 from launcher.metrics.memory import MIB, device_peak, host_rss, lifetime_peak_rss
-from launcher.model import apply_finetune, load_model, load_tokenizer
+from launcher.model import apply_finetune, compute_dtype, load_model, load_tokenizer
 from launcher.packing import (ISOLATING_ATTENTION, LEAK_TOLERANCE, RowLoader, RowPlan, count_tokens, isolation_leak,
                               load_plan, packed_forward, plan_path, varlen_attention)
 from launcher.preflight import check_ranks
@@ -89,8 +90,7 @@ def forward_backward(model: torch.nn.Module, batches: list[dict[str, torch.Tenso
 
 def refuse_leaking_packing(model: torch.nn.Module, cfg: Config, vocab_size: int, backend: Backend) -> None:
     """Stop before training if this model lets packed records attend to each other (checked on the real model)."""
-    flatten = varlen_attention(cfg.model.attn_implementation)
-    leak = isolation_leak(model, vocab_size, backend.device, flatten=flatten)
+    leak = isolation_leak(model, vocab_size, backend.device, flatten=varlen_attention(attention_of(cfg)))
     if leak <= LEAK_TOLERANCE:
         return
     if backend.rank != 0:
@@ -99,8 +99,9 @@ def refuse_leaking_packing(model: torch.nn.Module, cfg: Config, vocab_size: int,
         f"model {cfg.model.name_or_path} with model.attn_implementation={cfg.model.attn_implementation} lets packed "
         f"records attend to each other: in a start-up check, replacing one record changed the logits of the record "
         f"packed after it by {leak:.1e} (relative; isolated models give 0). Training on packed rows would mix "
-        f"records. Set dataset.packing=false (one record per row; the loss is the same, only slower), or use a "
-        f"model whose transformers implementation separates packed sequences by position_ids (Llama, Mistral, "
+        f"records. Set model.attn_implementation=auto (packed attention, which needs no mask: it keeps OPT's records "
+        f"apart, for one), or dataset.packing=false (one record per row; the loss is the same, only slower), or use "
+        f"a model whose transformers implementation separates packed sequences by position_ids (Llama, Mistral, "
         f"Qwen2, Gemma, GPT-NeoX do; OPT, Bloom, Falcon do not).")
 
 
@@ -117,13 +118,14 @@ def build_loader(cfg: Config, spec: RunSpec, backend: Backend, pad_id: int) -> t
     ds = datasets.load_from_disk(str(Path(spec.data_path) / "train"))
     rows = load_rows(spec)
     loader = RowLoader(ds, rows, cfg.train.micro_batch_size, backend.rank, backend.world_size, cfg.train.seed,
-                       pad_id, flatten=varlen_attention(cfg.model.attn_implementation))
+                       pad_id, flatten=varlen_attention(attention_of(cfg)))
     return loader, plan_steps(len(rows), cfg, backend.world_size)[0]
 
 
 def build_model(cfg: Config, dtype: torch.dtype, empty: bool) -> torch.nn.Module:
     """The model with its fine-tuning method applied (what every backend's ``build`` wraps)."""
-    model = load_model(cfg.model, dtype, empty=empty, quantize_4bit=cfg.finetune.method == "qlora")
+    model = load_model(cfg.model, dtype, empty=empty, quantize_4bit=cfg.finetune.method == "qlora",
+                       packing=cfg.dataset.packing)
     torch.manual_seed(cfg.train.seed)  # adapter init must not depend on how each backend loaded the base
     return apply_finetune(model, cfg.finetune)
 
@@ -177,7 +179,7 @@ def run(run_dir: str | Path) -> dict:
     """
     run_dir = Path(run_dir)
     cfg, spec = load_run_config(run_dir), load_run_spec(run_dir)
-    if cfg.dataset.packing and cfg.model.attn_implementation not in ISOLATING_ATTENTION:
+    if cfg.dataset.packing and attention_of(cfg) not in ISOLATING_ATTENTION:
         raise SystemExit(f"model.attn_implementation={cfg.model.attn_implementation!r} cannot keep packed records "
                          f"apart; use one of {', '.join(ISOLATING_ATTENTION)} or dataset.packing=false.")
     stop = StopRequest()
@@ -227,13 +229,20 @@ def run(run_dir: str | Path) -> dict:
         ckpt = complete_checkpoints(run_dir)[-1]
     summary = metrics.summary(state.step, {
         "world_size": backend.world_size, "checkpoint": str(ckpt), "stopped": stopped,
-        "packing": loader.rows.stats.as_dict(), "padding_fraction": round(1 - metrics.tokens / max(slots, 1.0), 6),
+        "packing": loader.rows.stats.as_dict(), "attention": attention_used(cfg, backend),
+        "padding_fraction": round(1 - metrics.tokens / max(slots, 1.0), 6),
         **resource_facts(backend, host_before_model)})
     if backend.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     stop.close()
     backend.close()
     return summary
+
+
+def attention_used(cfg: Config, backend: Backend) -> str:
+    """The attention implementation the model runs, and for ``packed`` the kernel on this device."""
+    attn = attention_of(cfg)
+    return f"{attn} ({kernel(backend.device, compute_dtype(cfg.model))})" if attn == PACKED else attn
 
 
 def resource_facts(backend: Backend, host_before_model: int) -> dict:

@@ -65,6 +65,20 @@ def test_flop_count_matches_pytorchs_counter(tiny_model) -> None:
     assert ours_attn == pytest.approx(full_square_attn * (T + 1) / (2 * T), rel=1e-9)
 
 
+def test_packed_rows_count_each_records_own_attention_in_either_layout(tiny_model) -> None:
+    """A row of records counts the attention of each record alone (Σ lᵢ², not the row's L²), flattened or not."""
+    counter = FlopCounter.from_model(tiny_model)
+    lens = [1, 7, 30, 26]
+    recs = [_record(n, start=10 + i, supervised_from=min(n - 1, 2)) for i, n in enumerate(lens)]
+    alone = [counter.batch(collate([[r]], pad_id=0), pad_id=0)[0] for r in recs]
+    batched = counter.batch(collate([recs[:3], recs[3:]], pad_id=0), pad_id=0)  # second row padded
+    flat = counter.batch(collate([recs[:3], recs[3:]], pad_id=0, flatten=True), pad_id=0)
+    assert batched == flat == (sum(alone), sum(lens))
+    assert flat[0] == counter.per_token_matmul() * 64 + counter.attn_coeff * sum(n * (n + 1) // 2 for n in lens)
+    one_record = counter.batch(collate([[_record(64)]], pad_id=0), pad_id=0)[0]
+    assert one_record - flat[0] == counter.attn_coeff * (64 * 65 // 2 - sum(n * (n + 1) // 2 for n in lens))
+
+
 def test_lora_counts_no_weight_gradients_for_frozen_layers(tiny_model) -> None:
     from launcher.config import FinetuneConfig
     from launcher.model import apply_finetune

@@ -48,7 +48,7 @@ def records(tokenizer) -> list[dict[str, list[int]]]:
 
 
 # --------------------------------------------------------------------------------------------- isolation
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "packed"])
 @pytest.mark.parametrize("flatten", [False, True])
 def test_packed_logits_equal_each_record_alone(attn: str, flatten: bool, records) -> None:
     """A micro-batch of several packed rows, padded to the longest, through the worker's own forward call."""
@@ -99,11 +99,16 @@ def _opt_model() -> torch.nn.Module:
 
 
 def test_isolation_check_passes_llama_and_catches_a_leaking_architecture() -> None:
-    for attn in ("eager", "sdpa"):
+    for attn in ("eager", "sdpa", "packed"):
         assert isolation_leak(tiny_model(attn), 4096, torch.device("cpu")) <= 1e-6
-    assert isolation_leak(tiny_model("sdpa"), 4096, torch.device("cpu"), flatten=True) <= 1e-6
-    # OPT in transformers 5.23 ignores packed position ids: its records attend to each other.
+    for attn in ("sdpa", "packed"):
+        assert isolation_leak(tiny_model(attn), 4096, torch.device("cpu"), flatten=True) <= 1e-6
+    # OPT in transformers 5.23 builds no block-diagonal mask from packed position ids: with sdpa its records attend
+    # to each other; packed attention keeps them apart (it never relies on a mask).
     assert isolation_leak(_opt_model(), 512, torch.device("cpu")) > LEAK_TOLERANCE * 10
+    opt = _opt_model()
+    opt.set_attn_implementation("packed")
+    assert isolation_leak(opt, 512, torch.device("cpu"), flatten=True) == 0.0
 
 
 # --------------------------------------------------------------------------------------------- loss normalisation
@@ -124,16 +129,18 @@ def _assert_same(a: tuple[float, dict], b: tuple[float, dict]) -> None:
         assert torch.allclose(a[1][name], b[1][name], atol=1e-5, rtol=0), name
 
 
-def test_packed_step_equals_unpacked_step_with_gradient_accumulation(records) -> None:
+@pytest.mark.parametrize("attn", ["sdpa", "packed"])
+def test_packed_step_equals_unpacked_step_with_gradient_accumulation(attn: str, records) -> None:
+    """Packed rows through ``attn`` against the same records unpacked through sdpa (today's unpacked path)."""
     r = records
     unpadded_ga3 = _step([collate([[x]], 0) for x in r[:3]])  # 3 micro-batches of one record each
-    packed_one_row = _step([collate([r[:3]], 0)])  # 1 micro-batch: one row holding all three
+    packed_one_row = _step([collate([r[:3]], 0)], attn)  # 1 micro-batch: one row holding all three
     _assert_same(packed_one_row, unpadded_ga3)
 
     unpacked_padded_ga2 = _step([collate([[x] for x in r[:3]], 0), collate([[x] for x in r[3:]], 0)])
-    packed_padded_mbs2 = _step([collate([r[0:4], r[4:6]], 0)])  # 2 rows, the shorter one padded
-    packed_ga2 = _step([collate([r[0:2], r[2:3]], 0), collate([r[3:6]], 0)])
-    packed_flat = _step([collate([r[0:2], r[2:6]], 0, flatten=True)])
+    packed_padded_mbs2 = _step([collate([r[0:4], r[4:6]], 0)], attn)  # 2 rows, the shorter one padded
+    packed_ga2 = _step([collate([r[0:2], r[2:3]], 0), collate([r[3:6]], 0)], attn)
+    packed_flat = _step([collate([r[0:2], r[2:6]], 0, flatten=True)], attn)
     _assert_same(packed_padded_mbs2, unpacked_padded_ga2)
     _assert_same(packed_ga2, unpacked_padded_ga2)
     _assert_same(packed_flat, unpacked_padded_ga2)
@@ -161,7 +168,8 @@ def _run_dir(out: Path) -> Path:
 
 @pytest.mark.slow
 def test_launcher_refuses_packing_for_a_model_that_leaks(tmp_path: Path, tokenizer) -> None:
-    """A tiny OPT (which ignores packed position ids) is refused with the fix named; packing=false then trains."""
+    """A tiny OPT (whose sdpa path ignores packed position ids) is refused with the fix named; packing=false, or the
+    default packed attention (which needs no mask), then trains."""
     from transformers import OPTConfig
 
     model_dir = tmp_path / "tiny_opt"
@@ -172,15 +180,18 @@ def test_launcher_refuses_packing_for_a_model_that_leaks(tmp_path: Path, tokeniz
         shutil.copy(f, model_dir / f.name)
     common = ["backend=single", f"model.name_or_path={model_dir}", "model.init=random", "dataset.max_samples=40",
               "train.max_steps=1", f"launcher.omp_num_threads=1"]
-    r = run_launcher(*common, f"output_dir={tmp_path / 'packed'}", timeout=300)
+    r = run_launcher(*common, "model.attn_implementation=sdpa", f"output_dir={tmp_path / 'packed'}", timeout=300)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "packing efficiency" in r.stderr, "the launcher reports the packing at start"
     assert "lets packed records attend to each other" in r.stderr and "dataset.packing=false" in r.stderr
     assert "Traceback" not in r.stderr
     assert not list((tmp_path / "packed").rglob("checkpoints")), "refused before any training step"
 
-    r = run_launcher(*common, "dataset.packing=false", f"output_dir={tmp_path / 'unpacked'}", timeout=300)
+    r = run_launcher(*common, "model.attn_implementation=sdpa", "dataset.packing=false",
+                     f"output_dir={tmp_path / 'unpacked'}", timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = run_launcher(*common, f"output_dir={tmp_path / 'packed_attention'}", timeout=300)
+    assert r.returncode == 0 and "attention: packed" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
 
 
 @pytest.mark.slow

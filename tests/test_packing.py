@@ -156,6 +156,8 @@ def test_collate_shifts_labels_inside_each_record_and_pads_as_its_own_sequence()
     assert batch["labels"].tolist() == [[2, 3, IGNORE_INDEX, 5, IGNORE_INDEX],
                                         [5, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
     assert int(batch["num_tokens"]) == 7
+    # Sequence boundaries over the tokens row after row, the padding being a sequence of its own.
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 7, 10] and int(batch["max_length_q"]) == 3
 
 
 def test_flattened_batch_carries_the_boundaries_transformers_would_derive() -> None:

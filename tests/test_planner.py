@@ -72,6 +72,18 @@ def test_model_states_follow_the_zero_arithmetic(llama8b: Path) -> None:
     assert ckpt.activations < z3.activations / 3 and ckpt.activations_other == z3.activations
 
 
+def test_packed_attention_keeps_no_mask_that_grows_with_the_row(llama8b: Path) -> None:
+    """The default attention for packed rows saves nothing of O(cutoff_len) per token; sdpa's mask copy does."""
+    common = [f"model.name_or_path={llama8b}", "model.dtype=bfloat16", "backend=single", "dataset.cutoff_len=8192"]
+    shape = load_shape(config(*common))
+    packed = estimate(config(*common), shape, 1, cuda=True)  # model.attn_implementation=auto, packing on
+    sdpa = estimate(config(*common, "model.attn_implementation=sdpa"), shape, 1, cuda=True)
+    unpacked = estimate(config(*common, "dataset.packing=false"), shape, 1, cuda=True)  # auto: sdpa
+    tokens = 8192
+    assert sdpa.activations - packed.activations == pytest.approx(shape.layers * 2 * 8192 * tokens)
+    assert unpacked.activations == sdpa.activations
+
+
 def test_offload_moves_optimizer_states_to_host(llama8b: Path, tmp_path: Path) -> None:
     ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
     ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}

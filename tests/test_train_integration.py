@@ -27,6 +27,7 @@ def test_two_zero3_workers_train_and_checkpoint(tmp_path: Path) -> None:
     run_dir = summaries[0].parent
     s = json.loads(summaries[0].read_text())
     assert s["world_size"] == 2 and s["steps"] == 8
+    assert s["attention"] == "packed (sdpa per record)", "packed rows default to packed attention"
     assert s["last_loss"] < s["first_loss"] - 0.5, s
     ckpt = run_dir / "checkpoints" / "step-8"
     assert (ckpt / "COMPLETE").is_file()

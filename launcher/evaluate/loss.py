@@ -17,6 +17,7 @@ from typing import Any, Callable
 import datasets
 import torch
 
+from launcher.attention import attention_of
 from launcher.packing import collate, count_tokens, load_plan, plan_path, varlen_attention
 from launcher.runspec import RunSpec
 
@@ -56,7 +57,7 @@ class Evaluator:
         if src is None:
             return None
         return cls(*src, cfg.eval.micro_batch_size or cfg.train.micro_batch_size, rank, world_size, pad_id,
-                   flatten=varlen_attention(cfg.model.attn_implementation))
+                   flatten=varlen_attention(attention_of(cfg)))
 
     @torch.no_grad()
     def run(self, model: torch.nn.Module, loss_fn: LossFn, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],

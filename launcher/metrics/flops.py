@@ -7,7 +7,10 @@ thumb over padded slots). Per real token:
   where ``N_lin`` counts the weights of every ``nn.Linear`` (LoRA adapters and ``lm_head`` included,
   embedding lookups and norms excluded). Full fine-tuning gives the familiar ``6·N_lin``; LoRA about ``4·N_lin``.
 * causal attention: ``12 · layers · heads · head_dim · c`` (QKᵀ and AV, forward and twice that backward),
-  where ``c = position + 1`` is the token's actual context inside its packed record. Sliding windows are ignored.
+  where ``c = position + 1`` is the token's actual context inside its packed record: a row of records of
+  lᵢ tokens counts Σ lᵢ(lᵢ+1)/2 per layer and head, what the default ``packed`` attention computes, not the
+  L² of the whole row that sdpa or eager compute and then mask (that waste is not model FLOPs, so it lowers
+  MFU instead). Sliding windows are ignored.
 
 Gradient-checkpointing recomputation is not counted (that would be hardware FLOPs utilisation, not MFU).
 ``MFU = model FLOPs / step time / (world size × peak)`` with the peak dense bf16 FLOP/s of the GPU from
