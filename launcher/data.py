@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from launcher.config import DatasetConfig, TemplateConfig, resolve_path
+from launcher.messages import normalize_tools, parse_tool_calls
 from launcher.mixing import MixError, mix_split, resolve as resolve_mix
-from launcher.templates import Template, TemplateError, normalize_tools, parse_tool_calls
+from launcher.templates import Template, TemplateError
 
 CACHE_VERSION = "3"  # bump when the cached format changes (the code itself is hashed too)
 SOURCES = "sources.json"  # in a prepared directory: its key and the SHA-256 of each data file it was made from
@@ -361,7 +362,7 @@ class DataStats:
 def _code_hash() -> bytes:
     """The code that decides what a prepared dataset contains; a change to it invalidates the cache."""
     here = Path(__file__).parent
-    return b"".join((here / f).read_bytes() for f in ("data.py", "templates.py", "packing.py", "mixing.py"))
+    return b"".join((here / f).read_bytes() for f in ("data.py", "messages.py", "templates.py", "packing.py", "mixing.py"))
 
 
 def file_digests(entries: list[DatasetEntry]) -> dict[str, str]:
