@@ -151,6 +151,11 @@ class TrainerConfig:
     log_every: int = 1
     save_steps: int = 0  # 0: only at the end
     save_total_limit: int = 2
+    # The loss computes logits for at most this many supervised positions at a time and never holds fp32
+    # [tokens × vocab] logits (launcher/loss.py); 0: the plain path (the model's full logits, upcast to fp32).
+    # Same loss and gradients either way; smaller chunks use less memory, and under ZeRO-3 each chunk gathers the
+    # output head once more.
+    loss_chunk_tokens: int = 2048
 
 
 @dataclass
@@ -381,6 +386,9 @@ def validate(cfg: Config) -> None:
     for key in ("micro_batch_size", "grad_accum", "log_every"):
         if getattr(cfg.train, key) < 1:
             e.append(f"train.{key}={getattr(cfg.train, key)} must be at least 1.")
+    if cfg.train.loss_chunk_tokens < 0:
+        e.append(f"train.loss_chunk_tokens={cfg.train.loss_chunk_tokens} is negative: use a chunk size such as 2048, "
+                 f"or 0 for the plain loss over full logits.")
     if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
         e.append("train.epochs and train.max_steps are both non-positive: set train.epochs=1 or train.max_steps=N.")
     if cfg.optimizer.lr <= 0:

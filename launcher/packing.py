@@ -409,17 +409,22 @@ def collate(records: Sequence[Sequence[dict[str, Sequence[int]]]], pad_id: int,
 
 
 def packed_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of a collated batch: position ids, no KV cache and no attention mask, so records stay apart.
+    """Logits of a collated batch (see :func:`forward_kwargs`)."""
+    return model(**forward_kwargs(batch)).logits
+
+
+def forward_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Forward arguments of a collated batch: position ids, no KV cache and no attention mask, so records stay apart.
 
     Never add a 2-D attention mask or leave the cache on here: transformers then ignores the packed position ids
     and every record attends to the ones before it in its row.
     """
-    varlen = {}
-    if "cu_seq_lens_q" in batch:
-        varlen = {"cu_seq_lens_q": batch["cu_seq_lens_q"], "cu_seq_lens_k": batch["cu_seq_lens_k"],
-                  "max_length_q": int(batch["max_length_q"]), "max_length_k": int(batch["max_length_k"])}
-    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                 **varlen).logits
+    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+                              "use_cache": False}
+    if "cu_seq_lens_q" in batch:  # flash-attention's varlen kernel: one flattened row with sequence boundaries
+        kwargs.update(cu_seq_lens_q=batch["cu_seq_lens_q"], cu_seq_lens_k=batch["cu_seq_lens_k"],
+                      max_length_q=int(batch["max_length_q"]), max_length_k=int(batch["max_length_k"]))
+    return kwargs
 
 
 def isolation_leak(model: torch.nn.Module, vocab_size: int, device: torch.device, flatten: bool = False) -> float:

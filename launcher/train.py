@@ -20,16 +20,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from launcher.backends import Backend, make_backend
 from launcher.checkpoint import StopRequest, complete_checkpoints, resume, save_checkpoint
 from launcher.config import Config, load_run_config
-from launcher.evaluate import Evaluator
+from launcher.evaluate import Evaluator, LossFn
+from launcher.loss import loss_chunks, token_loss_sum
 from launcher.metrics import MetricsLogger
 from launcher.model import apply_finetune, load_model, load_tokenizer
 from launcher.packing import (ISOLATING_ATTENTION, LEAK_TOLERANCE, RowLoader, RowPlan, isolation_leak, load_plan,
-                              packed_forward, plan_path, varlen_attention)
+                              plan_path, varlen_attention)
 from launcher.preflight import check_ranks
 from launcher.templates import IGNORE_INDEX
 
@@ -47,15 +47,15 @@ def plan_steps(n_rows: int, cfg: Config, world_size: int) -> tuple[int, int]:
     return max(1, int(cfg.train.epochs * per_epoch / cfg.train.grad_accum)), per_epoch
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy over supervised tokens (labels are already shifted inside each record)."""
-    logits = packed_forward(model, batch)
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+def loss_function(cfg: Config, micro_batch_size: int) -> LossFn:
+    """The token loss for micro-batches of ``micro_batch_size`` rows: chunked unless ``train.loss_chunk_tokens`` is 0
+    (launcher/loss.py)."""
+    return partial(token_loss_sum, chunks=loss_chunks(cfg.train.loss_chunk_tokens, cfg.dataset.cutoff_len,
+                                                      micro_batch_size))
 
 
 def forward_backward(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], backend: Backend,
-                     autocast: Any = None) -> dict[str, float]:
+                     autocast: Any = None, loss_fn: LossFn = token_loss_sum) -> dict[str, float]:
     """Forward and backward over one optimizer step's micro-batches (this rank's share of the step).
 
     The step's loss is Σ token losses / supervised tokens of the *whole* step, all micro-batches on all ranks:
@@ -72,7 +72,7 @@ def forward_backward(model: torch.nn.Module, batches: list[dict[str, torch.Tenso
     loss_total = torch.zeros((), dtype=torch.float64, device=backend.device)
     for b in batches:
         with autocast:
-            loss_sum = token_loss_sum(model, b)
+            loss_sum = loss_fn(model, b)
         # Backends average gradients over ranks, hence × world_size: the result is Σ token losses / n_sup.
         backend.backward(loss_sum * backend.world_size / max(n_sup, 1.0))
         loss_total += loss_sum.detach().double()
@@ -132,12 +132,13 @@ def check_world(cfg: Config, backend: Backend) -> None:
                            f"{backend.world_size}: backend {cfg.backend.name!r} did not form the process group.")
 
 
-def train_step(model: torch.nn.Module, backend: Backend, batches: list[dict[str, torch.Tensor]]) -> dict:
+def train_step(model: torch.nn.Module, backend: Backend, batches: list[dict[str, torch.Tensor]],
+               loss_fn: LossFn = token_loss_sum) -> dict:
     """One optimizer step over this rank's micro-batches; returns the step's metrics (same on every rank) and,
     under "slots", the token slots it used (padding included)."""
     t0 = time.time()
     batches = [{k: v.to(backend.device) for k, v in b.items()} for b in batches]
-    totals = forward_backward(model, batches, backend, backend.autocast())
+    totals = forward_backward(model, batches, backend, backend.autocast(), loss_fn)
     grad_norm = backend.step()
     dt = time.time() - t0
     return {"loss": totals["loss"], "lr": backend.lr(), "grad_norm": grad_norm, "tokens": int(totals["tokens"]),
@@ -173,6 +174,8 @@ def run(run_dir: str | Path) -> dict:
         refuse_leaking_packing(model, cfg, len(load_tokenizer(cfg.model)), backend)
     state = resume(backend, run_dir, cfg)
 
+    train_loss = loss_function(cfg, cfg.train.micro_batch_size)
+    eval_loss = loss_function(cfg, cfg.eval.micro_batch_size or cfg.train.micro_batch_size)
     metrics.start(model)
     stream = micro_batches(loader, state.micro_batch)
     gas, every = cfg.train.grad_accum, cfg.train.save_steps
@@ -181,12 +184,12 @@ def run(run_dir: str | Path) -> dict:
         t0 = time.time()
         batches = [next(stream) for _ in range(gas)]
         data_time = time.time() - t0
-        step_metrics = train_step(model, backend, batches)
+        step_metrics = train_step(model, backend, batches, train_loss)
         slots += step_metrics.pop("slots")
         metrics.log_step(state.step + 1, step_metrics, batches=batches, data_time=data_time)
         state.step, state.micro_batch = state.step + 1, state.micro_batch + gas
         if evaluator and ((cfg.eval.steps and state.step % cfg.eval.steps == 0) or state.step == total_steps):
-            metrics.log_eval(state.step, evaluator.run(model, token_loss_sum, backend.all_reduce_sum, backend.device,
+            metrics.log_eval(state.step, evaluator.run(model, eval_loss, backend.all_reduce_sum, backend.device,
                                                        backend.autocast()))
         stopped = stop.requested(backend)
         if stopped or state.step == total_steps or (every and state.step % every == 0):
