@@ -134,7 +134,7 @@ def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
     plan = load_plan(plan_path(data_path, "train"))
     say(f"data: {stats.used} records for training, {stats.eval_records} held out, "
         f"{stats.dropped_errors} dropped for errors, {stats.dropped_overlong} dropped for length, "
-        f"{stats.truncated} truncated; {stats.tokens:,} tokens ({stats.supervised_tokens:,} supervised) "
+        f"{stats.truncated} truncated, {stats.prompt_cut} with their prompt cut; {stats.tokens:,} tokens ({stats.supervised_tokens:,} supervised) "
         f"[{'cache hit' if hit else f'prepared in {time.time() - t0:.1f}s'}: {data_path}]")
     say(f"packing: {plan.stats.describe()}")
     for err in stats.errors:

@@ -87,7 +87,11 @@ class DatasetConfig:
     val_size: float = 0.0  # fraction (<1) or count (>=1) of records held out for evaluation
     cutoff_len: int = 1024  # tokens per packed row (and the longest record kept)
     packing: bool = True
-    overlong: str = "truncate"  # records longer than cutoff_len: "truncate" (earlier turns go first) or "drop"
+    # Records longer than cutoff_len: "truncate" (earlier turns go first, then the end of the last reply), "drop",
+    # or "cut_prompt" (every reply kept whole: the longest user message loses text from its end, then the other
+    # user messages, earliest first; a record whose replies alone do not fit is dropped). All counted in the
+    # data report (python -m launcher.inspect_data).
+    overlong: str = "truncate"
     on_error: str = "raise"  # malformed records: "raise" or "skip" (skips are counted and reported)
     train_on_prompt: bool = False
     mask_history: bool = False  # train only the last assistant turn
@@ -349,7 +353,7 @@ def validate(cfg: Config) -> None:
             ("sdpa", "eager", "flash_attention_2", "flash_attention_3"))
     _choice(e, "backend.name", cfg.backend.name, ("single", "deepspeed", "fsdp"))
     _choice(e, "finetune.method", cfg.finetune.method, ("full", "lora", "qlora"))
-    _choice(e, "dataset.overlong", cfg.dataset.overlong, ("truncate", "drop"))
+    _choice(e, "dataset.overlong", cfg.dataset.overlong, ("truncate", "drop", "cut_prompt"))
     _choice(e, "dataset.on_error", cfg.dataset.on_error, ("raise", "skip"))
     _choice(e, "template.system_position", cfg.template.system_position, ("turn", "first_user", "last_user"))
     if cfg.backend.name == "deepspeed" and not cfg.backend.ds_config:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from launcher.config import DatasetConfig, TemplateConfig, resolve_path
+from launcher.cut_prompt import encode_cut_prompt
 from launcher.templates import Template, TemplateError, normalize_tools, parse_tool_calls
 
 CACHE_VERSION = "2"  # bump when the cached format changes (the code itself is hashed too)
@@ -327,8 +328,11 @@ class DataStats:
     used: int = 0  # training records
     eval_records: int = 0
     dropped_errors: int = 0  # malformed records skipped with dataset.on_error=skip
-    dropped_overlong: int = 0  # no trained token fits cutoff_len, or longer than it with dataset.overlong=drop
+    # no trained token fits cutoff_len, or longer than it with dataset.overlong=drop, or (cut_prompt) the replies
+    # and markup alone are longer than it
+    dropped_overlong: int = 0
     truncated: int = 0  # kept, with earlier turns (or the end of the last reply) cut to fit
+    prompt_cut: int = 0  # kept with dataset.overlong=cut_prompt: replies whole, user text cut to fit
     tokens: int = 0  # training tokens
     supervised_tokens: int = 0  # training tokens with a loss
     per_dataset: dict[str, int] = field(default_factory=dict)  # records read per dataset name
@@ -339,7 +343,7 @@ class DataStats:
 def _code_hash() -> bytes:
     """The code that decides what a prepared dataset contains; a change to it invalidates the cache."""
     here = Path(__file__).parent
-    return b"".join((here / f).read_bytes() for f in ("data.py", "templates.py", "packing.py"))
+    return b"".join((here / f).read_bytes() for f in ("data.py", "templates.py", "cut_prompt.py", "packing.py"))
 
 
 def cache_key(cfg: DatasetConfig, template: TemplateConfig, tokenizer_dir: Path, entries: list[DatasetEntry],
@@ -421,14 +425,17 @@ def _records(entries: list[DatasetEntry], cfg: DatasetConfig, template: Template
 
 
 def _encode(batch: dict[str, list], template: Template, cutoff_len: int, train_on_prompt: bool,
-            mask_history: bool, drop_truncated: bool) -> dict[str, list]:
+            mask_history: bool, overlong: str) -> dict[str, list]:
     """Batched map function: conversations -> input_ids, labels, length (+ counters dropped after summing)."""
     tools = [json.loads(t) if t else None for t in batch["tools"]]
-    encoded = template.encode_batch(batch["messages"], cutoff_len, train_on_prompt=train_on_prompt,
-                                    mask_history=mask_history, tools=tools)
+    masking = {"train_on_prompt": train_on_prompt, "mask_history": mask_history}
+    if overlong == "cut_prompt":
+        encoded = encode_cut_prompt(template, batch["messages"], cutoff_len, tools, **masking)
+    else:
+        encoded = template.encode_batch(batch["messages"], cutoff_len, tools=tools, **masking)
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "supervised": [], "truncated": []}
     for enc in encoded:
-        if enc is None or (enc.truncated and drop_truncated):
+        if enc is None or (enc.truncated and overlong == "drop"):
             continue  # counted as dropped for length: rows in minus rows out
         out["input_ids"].append(enc.input_ids)
         out["labels"].append(enc.labels)
@@ -504,7 +511,7 @@ def prepare(cfg: DatasetConfig, template_cfg: TemplateConfig, tokenizer: Any, to
                 remove_columns=raw.column_names, new_fingerprint=f"{key}-tokens", desc="Tokenizing",
                 fn_kwargs={"template": template, "cutoff_len": cfg.cutoff_len,
                            "train_on_prompt": cfg.train_on_prompt, "mask_history": cfg.mask_history,
-                           "drop_truncated": cfg.overlong == "drop"},
+                           "overlong": cfg.overlong},
                 features=datasets.Features({
                     "input_ids": datasets.List(datasets.Value("int32")),
                     "labels": datasets.List(datasets.Value("int32")),
@@ -513,7 +520,7 @@ def prepare(cfg: DatasetConfig, template_cfg: TemplateConfig, tokenizer: Any, to
         stats.dropped_overlong = len(raw) - len(tokenized)
         if len(tokenized) == 0:
             raise DataError(f"every record was dropped as longer than dataset.cutoff_len={cfg.cutoff_len}; "
-                            f"raise cutoff_len or use dataset.overlong=truncate.")
+                            f"raise cutoff_len or use dataset.overlong=truncate (or cut_prompt).")
 
         n_eval = int(cfg.val_size if cfg.val_size >= 1 else round(cfg.val_size * len(tokenized)))
         if n_eval >= len(tokenized):
@@ -530,7 +537,8 @@ def prepare(cfg: DatasetConfig, template_cfg: TemplateConfig, tokenizer: Any, to
                 stats.used = len(part)
                 stats.tokens = _column_sum(counts, "length")
                 stats.supervised_tokens = _column_sum(counts, "supervised")
-                stats.truncated = _column_sum(counts, "truncated")
+                cut = _column_sum(counts, "truncated")
+                stats.prompt_cut, stats.truncated = (cut, 0) if cfg.overlong == "cut_prompt" else (0, cut)
             else:
                 stats.eval_records = len(part)
             part.remove_columns(["supervised", "truncated"]).save_to_disk(str(tmp / name))
