@@ -8,30 +8,35 @@ about 4 GB each, more than the rest of a small model's step. The chunked path in
    hidden states from the decoder (a forward hook: the call still goes through whatever wraps the model --
    DeepSpeed's engine, FSDP2's root, PEFT -- so their hooks run as usual);
 2. keeps only the supervised positions (prompt tokens have no loss, so they need no logits at all);
-3. calls the output head *module* on a fixed number of chunks of those positions and sums DeepSpeed's
-   ``chunked_cross_entropy`` over them (fp32 arithmetic, a Triton kernel on CUDA, blocks of rows elsewhere).
-   Each chunk runs under activation checkpointing: its logits are freed after the forward and recomputed in
-   backward, so at most about one chunk of logits and its gradient exist at a time.
+3. calls the output head *module* once, with its forward replaced for that call by a loop over a fixed number
+   of chunks of those positions: the head's own forward on the chunk, then DeepSpeed's ``chunked_cross_entropy``
+   (fp32 arithmetic, a Triton kernel on CUDA, blocks of rows elsewhere), summed. Each chunk runs under activation
+   checkpointing: its logits are freed after the forward and recomputed in backward, so at most about one chunk
+   of logits and its gradient exist at a time.
+
+Calling the module once keeps every wrapper's hooks in charge of its weight: ZeRO-3 gathers it before this forward
+and, through a hook on the returned loss, again before its backward (where the chunks are recomputed); FSDP2 does
+the same for the unit holding the head (Accelerate puts it in its own unit), and reduces its gradient once.
+Calling the head once per chunk instead crashed FSDP2 (a chunk's backward ran after the unit had already
+reduced and freed its parameters for an earlier chunk) and would gather the weight under ZeRO-3 once per chunk.
 
 Why not DeepSpeed's ``TiledFusedLogitsLoss``: it computes the head's weight gradient inside the forward with an
 incoming gradient of 1, so the loop's scaling (``× world / supervised tokens``) never reaches that gradient
 (measured: 10× too large for a loss scaled by 0.1), and its per-chunk weight gradients are separate reductions,
 which ZeRO-2 refuses for a head tied to the input embeddings. Checkpointed chunks are one autograd graph: one
 gradient accumulation per parameter, exactly as in the plain path.
-
-The number of chunks depends only on the config (never on the data), because under ZeRO-3 every head call
-gathers its weight collectively, and every rank must make the same calls.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from deepspeed.runtime.chunked_cross_entropy import chunked_cross_entropy
-from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 from launcher.packing import forward_kwargs, packed_forward
@@ -60,41 +65,52 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk
         return plain_loss_sum(model, batch)
     inner = unwrap(model)
     head = inner.get_output_embeddings()
-    labels = batch["labels"].flatten()
+    cap = getattr(inner.config, "final_logit_softcapping", None)  # Gemma 2/3 squash logits before the loss
+    own_forward = type(head).forward.__get__(head)  # the head's computation, without the wrappers' hooks
+    losses: list[torch.Tensor] = []
+    loss_head = partial(_head_with_loss, own_forward, batch["labels"].flatten(), chunks, cap, losses)
+    with _forward_replaced(head, loss_head):
+        logits = model(**forward_kwargs(batch)).logits  # no positions: the loss was computed inside the head
+    # Adding the (empty) logits puts the loss behind the hooks that wrappers put on the head's output: ZeRO-3 and
+    # FSDP2 then gather the head's weight for its backward before the chunks are recomputed.
+    return losses[0] + logits.sum()
+
+
+def _head_with_loss(own_forward: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor, chunks: int,
+                    cap: float | None, losses: list[torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    """The head's forward for one call: Σ loss of the supervised positions into ``losses``, logits of none."""
     keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-    captured: list[torch.Tensor] = []
-    hook = inner.get_decoder().register_forward_hook(lambda _m, _a, out: captured.append(_last_hidden(out)))
-    try:
-        model(**forward_kwargs(batch), logits_to_keep=torch.empty(0, dtype=torch.long, device=keep.device))
-    finally:
-        hook.remove()
-    hidden = captured[-1].flatten(0, 1).index_select(0, keep)
-    targets = labels.index_select(0, keep)
-    gathered = model.unshard if isinstance(model, FSDPModule) else None  # FSDP2's root holds the head: _head_loss
+    flat, targets = hidden.flatten(0, 1).index_select(0, keep), labels.index_select(0, keep)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for h, y in zip(hidden.tensor_split(chunks), targets.tensor_split(chunks)):
+    for h, y in zip(flat.tensor_split(chunks), targets.tensor_split(chunks)):
         if torch.is_grad_enabled():
-            total = total + checkpoint(_head_loss, head, h, y, gathered, use_reentrant=False)
+            total = total + checkpoint(_chunk_loss, own_forward, h, y, cap, use_reentrant=False)
         else:
-            total = total + _head_loss(head, h, y, gathered)
-    if gathered is not None and not torch.is_grad_enabled():
-        model.reshard()
-    return total
+            total = total + _chunk_loss(own_forward, h, y, cap)
+    losses.append(total)
+    return own_forward(hidden[:, :0])
 
 
-def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-               unshard: Callable[[], Any] | None) -> torch.Tensor:
-    """Σ cross-entropy of one chunk of positions. The head is called as a module so that ZeRO-3's hooks gather its
-    weight; under FSDP2 the root (which owns the head) re-gathers its parameters here, because it resharded them
-    when its forward ended and, in backward, this recompute runs before the root's own backward hook would."""
-    if unshard is not None:
-        unshard()
-    logits = head(hidden)
+def _chunk_loss(own_forward: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
+                cap: float | None) -> torch.Tensor:
+    logits = own_forward(hidden)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
     return chunked_cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def _last_hidden(out: Any) -> torch.Tensor:
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+@contextmanager
+def _forward_replaced(module: torch.nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """Make one call of ``module`` run ``forward`` instead, hooks included (see the module docstring)."""
+    saved = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

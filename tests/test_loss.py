@@ -52,9 +52,12 @@ def test_chunked_loss_equals_plain(kind: str, chunks: int) -> None:
     loss, grads = loss_and_grads(model, b, chunks)
     assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=0), (loss, ref_loss)
     assert grads.keys() == ref_grads.keys() and len(grads) > 0
-    for name, g in grads.items():
+    diff = sum(float((g - ref_grads[n]).double().norm() ** 2) for n, g in grads.items()) ** 0.5
+    norm = sum(float(g.double().norm() ** 2) for g in ref_grads.values()) ** 0.5
+    assert diff <= 1e-6 * norm, f"relative gradient difference {diff / norm:.2e}"
+    for name, g in grads.items():  # and no single parameter far off (fp32 rounding alone reaches ~1e-6 here)
         rel = (g - ref_grads[name]).norm() / ref_grads[name].norm().clamp_min(1e-30)
-        assert rel <= 1e-6, f"{name}: relative gradient difference {rel:.2e}"
+        assert rel <= 5e-6, f"{name}: relative gradient difference {rel:.2e}"
 
 
 def test_chunked_loss_without_grad_and_flattened() -> None:
