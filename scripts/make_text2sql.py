@@ -4,7 +4,7 @@ Writes three files, byte-identical on every run:
 
 - ``data/text2sql_ko.json``         about 2,000 training records
 - ``data/text2sql_ko_heldout.json`` 50 records whose questions never occur in the training file
-- ``data/dataset_info.json``        the LLaMA-Factory registry entries for both
+- ``data/dataset_info.json``        the LLaMA-Factory registry entries for both (other entries are kept)
 
 A record is ``{"instruction": <Korean instruction + question>, "input": <CREATE TABLE schema>,
 "output": "쿼리 작성: SELECT ...;"}``; about 10% also carry a ``system`` prompt and about 5% a ``history`` of
@@ -694,10 +694,13 @@ def build() -> dict[str, str]:
     heldout_records = [render(ex, rng, None) for ex in heldout]
     columns = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
                "history": "history"}
-    info = {
+    # Other scripts' entries (scripts/make_rag_ko.py) stay in the registry.
+    registry = DATA_DIR / "dataset_info.json"
+    info = json.loads(registry.read_text(encoding="utf-8")) if registry.is_file() else {}
+    info.update({
         "text2sql_ko": {"file_name": TRAIN_FILE, "columns": columns},
         "text2sql_ko_heldout": {"file_name": HELDOUT_FILE, "columns": columns},
-    }
+    })
     return {TRAIN_FILE: dump(train_records), HELDOUT_FILE: dump(heldout_records), "dataset_info.json": dump(info)}
 
 
