@@ -353,6 +353,10 @@ def run(dcfg: DictConfig) -> int:
 
         cfg.launcher.master_port = free_port()
     cfg.launcher.nproc_per_node = nproc  # workers check they formed a world of this size × nnodes
+    if cfg.parallel.sequence > 1:
+        from launcher.sequence import check as check_sequence
+
+        check_sequence(cfg, nproc * cfg.launcher.nnodes)
     memory_plan = None
     if cfg.planner.enabled:  # before anything is prepared: a job that cannot fit stops here
         from launcher.planner import check_memory

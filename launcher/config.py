@@ -247,6 +247,16 @@ class EvalConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How ranks split the work beyond data parallelism."""
+
+    # Sequence parallelism (DeepSpeed backends): every packed row is split over this many ranks, which exchange
+    # attention heads for sequence with DeepSpeed's Ulysses all-to-all; data parallelism is world / sequence.
+    # Loss and gradients are those of sequence=1 at the same global batch; per-rank activations shrink ~1/N.
+    sequence: int = 1
+
+
+@dataclass
 class PlannerConfig:
     """The memory planner that runs before any worker starts (launcher/planner.py)."""
 
@@ -273,6 +283,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     name: str = "default"
     output_dir: str = "outputs"
     # Filled by the launcher: the run directory and the prepared data the workers read.
@@ -390,6 +401,21 @@ def validate(cfg: Config) -> None:
     for key in ("micro_batch_size", "grad_accum", "log_every"):
         if getattr(cfg.train, key) < 1:
             e.append(f"train.{key}={getattr(cfg.train, key)} must be at least 1.")
+    if cfg.parallel.sequence < 1:
+        e.append(f"parallel.sequence={cfg.parallel.sequence} must be at least 1.")
+    elif cfg.parallel.sequence > 1:
+        if cfg.backend.name == "fsdp":
+            e.append(f"parallel.sequence={cfg.parallel.sequence} is not supported with backend=fsdp (DeepSpeed's "
+                     f"Ulysses attention is tied to DeepSpeed's process groups); use backend=deepspeed_zero3 "
+                     f"(same sharding of model states as FSDP2 full shard).")
+        elif cfg.backend.name != "deepspeed":
+            e.append(f"parallel.sequence={cfg.parallel.sequence} splits rows over several workers: use "
+                     f"backend=deepspeed_zero3 (or deepspeed_zero2) with launcher.nproc_per_node >= "
+                     f"{cfg.parallel.sequence}.")
+        if cfg.model.attn_implementation != "sdpa":
+            e.append(f"parallel.sequence={cfg.parallel.sequence} needs model.attn_implementation=sdpa (got "
+                     f"{cfg.model.attn_implementation!r}): the sequence-parallel attention keeps packed records "
+                     f"apart with sdpa and a block-diagonal mask.")
     if cfg.train.loss_chunk_tokens < 0:
         e.append(f"train.loss_chunk_tokens={cfg.train.loss_chunk_tokens} is negative: use a chunk size such as 2048, "
                  f"or 0 for the plain loss over full logits.")

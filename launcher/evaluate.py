@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from launcher.packing import collate, load_plan, plan_path, varlen_attention
+from launcher.packing import collate, data_parallel, load_plan, plan_path, varlen_attention
 from launcher.templates import IGNORE_INDEX
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -38,7 +38,7 @@ class Evaluator:
     """Evaluates a model on the prepared eval rows; every rank calls :meth:`run` together."""
 
     def __init__(self, base: Path, split: str, micro_batch_size: int, rank: int, world_size: int, pad_id: int,
-                 flatten: bool = False):
+                 flatten: bool = False, shard: tuple[int, int] = (0, 1)):
         import datasets
 
         self.ds = datasets.load_from_disk(str(base / split))
@@ -48,7 +48,7 @@ class Evaluator:
         self.mine = chunks[rank::world_size]
         self.forwards = math.ceil(len(chunks) / world_size)  # the same on every rank
         self.placeholder = chunks[0]
-        self.pad_id, self.flatten = pad_id, flatten
+        self.pad_id, self.flatten, self.shard = pad_id, flatten, shard  # rank/world: data-parallel (see RowLoader)
         self.n_rows = len(rows)
 
     @classmethod
@@ -56,8 +56,9 @@ class Evaluator:
         src = eval_source(cfg)
         if src is None:
             return None
-        return cls(*src, cfg.eval.micro_batch_size or cfg.train.micro_batch_size, rank, world_size, pad_id,
-                   flatten=varlen_attention(cfg.model.attn_implementation))
+        (dp_rank, dp_world), shard = data_parallel(rank, world_size, cfg.parallel.sequence)
+        return cls(*src, cfg.eval.micro_batch_size or cfg.train.micro_batch_size, dp_rank, dp_world, pad_id,
+                   flatten=varlen_attention(cfg.model.attn_implementation), shard=shard)
 
     @torch.no_grad()
     def run(self, model: torch.nn.Module, loss_fn: LossFn, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
@@ -88,4 +89,5 @@ class Evaluator:
         flat = [i for row in chunk for i in row]
         cols = self.ds[flat]
         recs = iter({"input_ids": i, "labels": lab} for i, lab in zip(cols["input_ids"], cols["labels"]))
-        return collate([[next(recs) for _ in row] for row in chunk], self.pad_id, flatten=self.flatten)
+        return collate([[next(recs) for _ in row] for row in chunk], self.pad_id, flatten=self.flatten,
+                       shard=self.shard)

@@ -427,7 +427,8 @@ class MetricsLogger:
         flops = real = slots = 0.0
         for b in batches:
             f, n = self.flop_counter.batch(b, self.pad_id) if self.flop_counter else (0.0, 0)
-            flops, real, slots = flops + f, real + n, slots + b["input_ids"].shape[0] * self.cfg.dataset.cutoff_len
+            flops, real, slots = flops + f, real + n, slots + b["input_ids"].shape[0] * self.cfg.dataset.cutoff_len / (
+                self.cfg.parallel.sequence)
         self._interval += torch.tensor([dt, data_time, flops, real, slots], dtype=torch.float64)
         self._interval_steps += 1
         tokens, sup = metrics.get("tokens", 0), metrics.get("supervised_tokens", 0)

@@ -370,7 +370,7 @@ def pack_dataset(ds: Any, cutoff_len: int, packing: bool, out: Path) -> PackStat
 
 # --------------------------------------------------------------------------------------------- batches
 def collate(records: Sequence[Sequence[dict[str, Sequence[int]]]], pad_id: int,
-            flatten: bool = False) -> dict[str, torch.Tensor]:
+            flatten: bool = False, shard: tuple[int, int] = (0, 1)) -> dict[str, torch.Tensor]:
     """Rows of records -> ``input_ids``, pre-shifted ``labels`` and per-record ``position_ids``.
 
     ``labels[t]`` is the target for the token after ``input_ids[t]`` within the same record (-100 at each
@@ -380,6 +380,10 @@ def collate(records: Sequence[Sequence[dict[str, Sequence[int]]]], pad_id: int,
     ``flatten=True`` (flash-attention) concatenates all rows into one row without padding and adds the sequence
     boundaries (``cu_seq_lens_*``, ``max_length_*``) that transformers hands to the varlen kernel.
     ``num_tokens`` counts the real (non-padding) tokens.
+
+    ``shard=(k, n)`` (sequence parallelism): rows are padded at the tail to a multiple of ``n`` tokens and only
+    their ``k``-th of ``n`` equal slices is returned, ``num_tokens`` counting the real tokens of that slice. Labels
+    were shifted inside each record before slicing, so a record crossing a slice boundary keeps its targets.
     """
     recs = [rec for row in records for rec in row]
     lens = [len(rec["input_ids"]) for rec in recs]
@@ -394,7 +398,8 @@ def collate(records: Sequence[Sequence[dict[str, Sequence[int]]]], pad_id: int,
                 "position_ids": torch.from_numpy(pos)[None], "num_tokens": n_tokens,
                 "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
     row_lens = [sum(len(rec["input_ids"]) for rec in row) for row in records]
-    width = max(row_lens)
+    piece, pieces = shard
+    width = -(-max(row_lens) // pieces) * pieces
     out_ids = np.full((len(records), width), pad_id, dtype=np.int64)
     out_labels = np.full((len(records), width), IGNORE_INDEX, dtype=np.int64)
     out_pos = np.tile(np.arange(width, dtype=np.int64), (len(records), 1))
@@ -404,8 +409,13 @@ def collate(records: Sequence[Sequence[dict[str, Sequence[int]]]], pad_id: int,
             pos[start:start + n]
         out_pos[r, n:] = np.arange(width - n)
         start += n
-    return {"input_ids": torch.from_numpy(out_ids), "labels": torch.from_numpy(out_labels),
-            "position_ids": torch.from_numpy(out_pos), "num_tokens": n_tokens}
+    if pieces > 1:
+        part = slice(piece * width // pieces, (piece + 1) * width // pieces)
+        out_ids, out_labels, out_pos = out_ids[:, part], out_labels[:, part], out_pos[:, part]
+        n_tokens = torch.tensor(sum(max(0, min(m, part.stop) - part.start) for m in row_lens))
+    return {"input_ids": torch.from_numpy(np.ascontiguousarray(out_ids)),
+            "labels": torch.from_numpy(np.ascontiguousarray(out_labels)),
+            "position_ids": torch.from_numpy(np.ascontiguousarray(out_pos)), "num_tokens": n_tokens}
 
 
 def packed_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -427,28 +437,40 @@ def forward_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     return kwargs
 
 
-def isolation_leak(model: torch.nn.Module, vocab_size: int, device: torch.device, flatten: bool = False) -> float:
+def isolation_leak(model: torch.nn.Module, vocab_size: int, device: torch.device, flatten: bool = False,
+                   shard: tuple[int, int] = (0, 1)) -> float:
     """How much one packed record's logits change when the record before it in the row is replaced (relative).
 
     Two rows ``[A, B]`` and ``[A', B]`` of the same shape go through :func:`packed_forward` together; if the model
     keeps records apart, B's logits are identical in both (0.0 measured with transformers 5.23 for Llama, Mistral,
     Qwen2, Gemma, GPT-2 and GPT-NeoX, eager and sdpa, float32 and bfloat16), and far from it when B sees A (0.004-0.3 for OPT, Bloom, Falcon).
-    Every rank must call this (under ZeRO-3 the forward gathers parameters collectively).
+    Every rank must call this (under ZeRO-3 the forward gathers parameters collectively). With sequence
+    parallelism (``shard``) each rank measures the part of B its slice of the rows holds (0.0 if none).
     """
     g = torch.Generator().manual_seed(1234)
     a, a2, b = (torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in (12, 12, 10))
     rows = [[{"input_ids": a, "labels": a}, {"input_ids": b, "labels": b}],
             [{"input_ids": a2, "labels": a2}, {"input_ids": b, "labels": b}]]
-    batch = {k: v.to(device) for k, v in collate(rows, pad_id=0, flatten=flatten).items()}
+    batch = {k: v.to(device) for k, v in collate(rows, pad_id=0, flatten=flatten, shard=shard).items()}
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            logits = packed_forward(model, batch).float().reshape(2, 22, -1)
+            logits = packed_forward(model, batch).float().reshape(2, batch["input_ids"].numel() // 2, -1)
     finally:
         model.train(was_training)
+    width = logits.shape[1]
+    b_here = slice(max(0, 12 - shard[0] * width), max(0, 22 - shard[0] * width))  # B's positions in this slice
+    if b_here.start >= min(b_here.stop, width):
+        return 0.0
     scale = logits.abs().max().clamp_min(1e-6)
-    return float((logits[0, 12:] - logits[1, 12:]).abs().max() / scale)
+    return float((logits[0, b_here] - logits[1, b_here]).abs().max() / scale)
+
+
+def data_parallel(rank: int, world: int, sequence: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((data-parallel rank, data-parallel world), (slice, slices)) of a rank when every row is split over
+    ``sequence`` consecutive ranks (DeepSpeed's sequence-parallel groups are ranks kN..kN+N-1)."""
+    return (rank // sequence, world // sequence), (rank % sequence, sequence)
 
 
 class RowLoader:
@@ -461,8 +483,10 @@ class RowLoader:
     """
 
     def __init__(self, ds: Any, rows: RowPlan, micro_batch_size: int, rank: int, world: int, seed: int,
-                 pad_id: int, flatten: bool = False):
-        self.ds, self.rows, self.mbs = ds, rows, micro_batch_size
+                 pad_id: int, flatten: bool = False, shard: tuple[int, int] = (0, 1)):
+        # ``rank``/``world``: data-parallel; ranks of one sequence-parallel group get the same rows and take
+        # slice ``shard`` of them (see collate).
+        self.ds, self.rows, self.mbs, self.shard = ds, rows, micro_batch_size, shard
         self.rank, self.world, self.seed, self.pad_id, self.flatten = rank, world, seed, pad_id, flatten
         self.batches_per_epoch = len(rows) // (world * micro_batch_size)
         if self.batches_per_epoch == 0:
@@ -491,4 +515,4 @@ class RowLoader:
             for r in rows:
                 grouped.append(recs[k:k + len(r)])
                 k += len(r)
-            yield collate(grouped, self.pad_id, self.flatten)
+            yield collate(grouped, self.pad_id, self.flatten, self.shard)

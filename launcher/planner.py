@@ -305,7 +305,7 @@ def smallest_fix(cfg: Config, shape: ModelShape, cap: Capacity, per_node: int, w
                  degrees: list[int]) -> str | None:
     """The smallest change of sequence degree (one of ``degrees``) and/or gradient checkpointing that makes the job
     fit, as overrides (sequence degree first: it also shrinks what checkpointing keeps); None if none does."""
-    now = max(1, min(degrees))
+    now = cfg.parallel.sequence
     usable = cap.per_device if cap.kind == "cuda" else cap.host_available
     for n in sorted(degrees):
         for ckpt in sorted({cfg.model.gradient_checkpointing, True}):
@@ -338,8 +338,12 @@ def suggestions(cfg: Config, plan: Plan, fix: str | None = None) -> list[str]:
 
 
 def sequence_degrees(cfg: Config, world: int) -> list[int]:
-    """Sequence degrees the job could run with: the configured one only, until the backends split rows."""
-    return [1]
+    """Sequence degrees the job could run with: on DeepSpeed, the configured one and the larger divisors of the
+    world size (launcher/sequence.py); elsewhere the configured one."""
+    now = cfg.parallel.sequence
+    if cfg.backend.name != "deepspeed" or cfg.model.attn_implementation != "sdpa":
+        return [now]
+    return [d for d in range(now, world + 1) if world % d == 0 and d % now == 0]
 
 
 def check_memory(cfg: Config, nproc_per_node: int, say: Callable[[str], None],
@@ -355,7 +359,7 @@ def check_memory(cfg: Config, nproc_per_node: int, say: Callable[[str], None],
         return None
     cap = detect_capacity()
     world = nproc_per_node * max(cfg.launcher.nnodes, 1) if cfg.backend.name != "single" else 1
-    plan = estimate(cfg, shape, world, cap.kind == "cuda")
+    plan = estimate(cfg, shape, world, cap.kind == "cuda", sequence=cfg.parallel.sequence)
     for line in table(plan, cap, nproc_per_node):
         say(line)
     need, have = needed(plan, cap, nproc_per_node)

@@ -28,8 +28,8 @@ from launcher.evaluate import Evaluator, LossFn
 from launcher.loss import loss_chunks, token_loss_sum
 from launcher.metrics import MetricsLogger
 from launcher.model import apply_finetune, load_model, load_tokenizer
-from launcher.packing import (ISOLATING_ATTENTION, LEAK_TOLERANCE, RowLoader, RowPlan, isolation_leak, load_plan,
-                              plan_path, varlen_attention)
+from launcher.packing import (ISOLATING_ATTENTION, LEAK_TOLERANCE, RowLoader, RowPlan, data_parallel, isolation_leak,
+                              load_plan, plan_path, varlen_attention)
 from launcher.preflight import check_ranks
 from launcher.templates import IGNORE_INDEX
 
@@ -40,8 +40,9 @@ def load_rows(cfg: Config, split: str = "train") -> RowPlan:
 
 
 def plan_steps(n_rows: int, cfg: Config, world_size: int) -> tuple[int, int]:
-    """(optimizer steps, micro-batches per epoch per rank) for this data and config."""
-    per_epoch = n_rows // (world_size * cfg.train.micro_batch_size)
+    """(optimizer steps, micro-batches per epoch per rank) for this data and config (the ranks of a
+    sequence-parallel group share their rows)."""
+    per_epoch = n_rows // (world_size // cfg.parallel.sequence * cfg.train.micro_batch_size)
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps, per_epoch
     return max(1, int(cfg.train.epochs * per_epoch / cfg.train.grad_accum)), per_epoch
@@ -83,7 +84,8 @@ def forward_backward(model: torch.nn.Module, batches: list[dict[str, torch.Tenso
 def refuse_leaking_packing(model: torch.nn.Module, cfg: Config, vocab_size: int, backend: Backend) -> None:
     """Stop before training if this model lets packed records attend to each other (checked on the real model)."""
     flatten = varlen_attention(cfg.model.attn_implementation)
-    leak = isolation_leak(model, vocab_size, backend.device, flatten=flatten)
+    shard = data_parallel(backend.rank, backend.world_size, cfg.parallel.sequence)[1]
+    leak = max(per_rank(backend, isolation_leak(model, vocab_size, backend.device, flatten=flatten, shard=shard)))
     if leak <= LEAK_TOLERANCE:
         return
     if backend.rank != 0:
@@ -111,8 +113,10 @@ def build_loader(cfg: Config, backend: Backend) -> tuple[RowLoader, int]:
 
     ds = datasets.load_from_disk(str(Path(cfg.data_path) / "train"))
     rows = load_rows(cfg)
-    loader = RowLoader(ds, rows, cfg.train.micro_batch_size, backend.rank, backend.world_size, cfg.train.seed,
-                       load_tokenizer(cfg.model).pad_token_id, flatten=varlen_attention(cfg.model.attn_implementation))
+    (dp_rank, dp_world), shard = data_parallel(backend.rank, backend.world_size, cfg.parallel.sequence)
+    loader = RowLoader(ds, rows, cfg.train.micro_batch_size, dp_rank, dp_world, cfg.train.seed,
+                       load_tokenizer(cfg.model).pad_token_id, flatten=varlen_attention(cfg.model.attn_implementation),
+                       shard=shard)
     return loader, plan_steps(len(rows), cfg, backend.world_size)[0]
 
 
