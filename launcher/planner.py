@@ -86,6 +86,7 @@ class ModelShape:
     intermediate: int
     vocab: int
     heads: int
+    kv_heads: int = 0
 
 
 @dataclass
@@ -143,7 +144,8 @@ def load_shape(cfg: Config) -> ModelShape:
         largest_layer=max(per_layer), layer_params=sum(per_layer),
         layers=text.num_hidden_layers, hidden=text.hidden_size,
         kv_dim=getattr(text, "num_key_value_heads", heads) * head_dim,
-        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), vocab=text.vocab_size, heads=heads)
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), vocab=text.vocab_size, heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", heads))
 
 
 def _ds_settings(cfg: Config) -> dict[str, Any]:
@@ -337,13 +339,14 @@ def suggestions(cfg: Config, plan: Plan, fix: str | None = None) -> list[str]:
     return tips
 
 
-def sequence_degrees(cfg: Config, world: int) -> list[int]:
-    """Sequence degrees the job could run with: on DeepSpeed, the configured one and the larger divisors of the
-    world size (launcher/sequence.py); elsewhere the configured one."""
+def sequence_degrees(cfg: Config, world: int, shape: ModelShape) -> list[int]:
+    """Sequence degrees the job could run with: on DeepSpeed, the configured one and the larger ones that divide
+    the world size and the attention heads (launcher/sequence.py); elsewhere the configured one."""
     now = cfg.parallel.sequence
     if cfg.backend.name != "deepspeed" or cfg.model.attn_implementation != "sdpa":
         return [now]
-    return [d for d in range(now, world + 1) if world % d == 0 and d % now == 0]
+    return [d for d in range(now, world + 1) if world % d == 0 and d % now == 0 and shape.heads % d == 0
+            and (shape.kv_heads % d == 0 or d % shape.kv_heads == 0)]
 
 
 def check_memory(cfg: Config, nproc_per_node: int, say: Callable[[str], None],
@@ -376,7 +379,7 @@ def check_memory(cfg: Config, nproc_per_node: int, say: Callable[[str], None],
         problems.append(f"offloading needs {_gib(host_need)} of host RAM but {_gib(cap.host_available)} is available")
     if not problems:
         return record
-    fix = smallest_fix(cfg, shape, cap, nproc_per_node, world, sequence_degrees(cfg, world))
+    fix = smallest_fix(cfg, shape, cap, nproc_per_node, world, sequence_degrees(cfg, world, shape))
     msg = (f"The job will not fit in memory: it {' and '.join(problems)}. Try "
            + "; or ".join(suggestions(cfg, plan, fix))
            + ". Set planner.force=true to start anyway (the estimate is conservative within about ±35%).")

@@ -33,6 +33,9 @@ BACKENDS = {
     "zero3": ("backend=deepspeed_zero3", "launcher.nproc_per_node=2", "train.grad_accum=2",
               "train.loss_chunk_tokens=64"),
     "fsdp": ("backend=fsdp", "launcher.nproc_per_node=2", "train.grad_accum=2", "train.loss_chunk_tokens=64"),
+    # Both ranks hold halves of the same rows (DeepSpeed Ulysses): one data-parallel rank, so 4 micro-batches.
+    "zero3_sp2": ("backend=deepspeed_zero3", "launcher.nproc_per_node=2", "train.grad_accum=4", "parallel.sequence=2",
+                  "train.loss_chunk_tokens=64"),
 }
 # Gradient checkpointing must not change the numbers either: two of the runs use it.
 EXTRA = {("zero3", "lora"): ("model.gradient_checkpointing=true",),
@@ -76,14 +79,14 @@ def train(tmp_path_factory: pytest.TempPathFactory, backend: str, finetune: str)
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("finetune", ["full", "lora"])
-@pytest.mark.parametrize("backend", ["zero2", "zero3", "fsdp"])
+@pytest.mark.parametrize("backend", ["zero2", "zero3", "fsdp", "zero3_sp2"])
 def test_loss_curve_matches_one_process(tmp_path_factory, backend: str, finetune: str) -> None:
     ref = train(tmp_path_factory, "single", finetune)
     run = train(tmp_path_factory, backend, finetune)
     assert run.summary["world_size"] == 2 and len(run.losses) == len(ref.losses) == STEPS
     assert ref.losses[-1] < ref.losses[0] - 0.5, ref.losses  # it learns, so agreeing means something
     worst = max(abs(a - b) for a, b in zip(run.losses, ref.losses))
-    assert worst < 1e-4, list(zip(run.losses, ref.losses))
+    assert worst < (1e-5 if "sp" in backend else 1e-4), list(zip(run.losses, ref.losses))
     # Both checkpoints kept (save_steps=6, limit 2), complete, and consolidating to the same weights.
     ckpts = sorted(p.name for p in (run.dir / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert ckpts == ["step-12", "step-6"]

@@ -206,3 +206,13 @@ def test_the_smallest_sequence_degree_and_checkpointing_that_fit_are_named(llama
     assert all(estimate(cfg, shape, 8, True, sequence=m, checkpointing=c).total + 1.0 * GIB > 0.9 * cap.per_device
                for m in smaller for c in (False, True))
     assert smallest_fix(cfg, shape, Capacity("cuda", "tiny", 1 * GIB, 1 * GIB), 8, 8, degrees) is None
+
+
+def test_sequence_degrees_offered_are_those_the_job_can_run(llama8b: Path) -> None:
+    from launcher.planner import sequence_degrees
+
+    z3 = config(f"model.name_or_path={llama8b}", "backend=deepspeed_zero3")
+    shape = load_shape(z3)  # 32 heads, 8 key/value heads
+    assert sequence_degrees(z3, 8, shape) == [1, 2, 4, 8]
+    assert sequence_degrees(z3, 6, shape) == [1, 2]
+    assert sequence_degrees(config(f"model.name_or_path={llama8b}", "backend=fsdp"), 8, shape) == [1]
