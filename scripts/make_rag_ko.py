@@ -22,11 +22,12 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
 from pathlib import Path
+
+from make_text2sql import dump, write_or_check  # scripts/: the same registry handling and --check
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT / "data"
@@ -145,29 +146,8 @@ def build() -> dict[str, str]:
     return {FILE: dump(records), "dataset_info.json": dump(info)}
 
 
-def dump(obj: object) -> str:
-    return json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true",
-                        help="regenerate in memory and exit 1 if any file in data/ differs")
-    args = parser.parse_args(argv)
-    files = build()
-    if args.check:
-        stale = [name for name, text in files.items()
-                 if not (DATA_DIR / name).is_file() or (DATA_DIR / name).read_bytes() != text.encode("utf-8")]
-        if stale:
-            print(f"out of date in {DATA_DIR}: {', '.join(stale)}; run `python scripts/make_rag_ko.py`",
-                  file=sys.stderr)
-            return 1
-        print(f"{DATA_DIR}: up to date")
-        return 0
-    for name, text in files.items():
-        (DATA_DIR / name).write_bytes(text.encode("utf-8"))
-    print(f"wrote {', '.join(files)} to {DATA_DIR}")
-    return 0
+    return write_or_check(build(), "make_rag_ko.py", __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
