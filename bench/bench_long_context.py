@@ -1,9 +1,17 @@
-"""Peak memory and tokens/s of one training step, chunked loss (launcher/loss.py) vs the plain full-logits loss,
-on a Llama with a 128k vocabulary (Llama 3's 128,256) built locally from a seed (nothing is downloaded).
+"""Long-context memory: the chunked loss against the plain one, and sequence parallelism against none.
+
+Loss (default): peak memory and tokens/s of one training step, chunked loss (launcher/loss.py) vs the plain
+full-logits loss, on a Llama with a 128k vocabulary (Llama 3's 128,256) built locally from a seed.
 
     .venv/bin/python bench/bench_long_context.py                          # cutoff 4096 and 8192, ~2 min on CPU
     .venv/bin/python bench/bench_long_context.py --cutoff 2048 --steps 1  # a quick look
     .venv/bin/python bench/bench_long_context.py --dtype bfloat16         # on a GPU
+
+Sequence parallelism (``--sequence``): per-rank peak memory and tokens/s of the real launcher, DeepSpeed ZeRO-3 on
+2 workers, rows of ``--cutoff`` tokens of the shipped RAG sample (data/rag_ko.json), parallel.sequence=1 (each rank
+a whole row) vs 2 (each rank half of one row), tiny model, gradient checkpointing off.
+
+    .venv/bin/python bench/bench_long_context.py --sequence --cutoff 16384 --steps 2   # ~5 min on CPU
 
 Each configuration runs in a fresh process (so the CPU peak, ru_maxrss, is its own): it builds the model, runs one
 warm-up step, then ``--steps`` timed steps of forward + backward on one row of ``--cutoff`` tokens in which a
@@ -77,6 +85,33 @@ def one(cutoff: int, chunk: int, hidden: int, layers: int, vocab: int, supervise
             "step_peak_mb": round((peak - base) / 2**20, 1), "tokens_per_s": round(cutoff / dt, 1)}
 
 
+def sequence_runs(cutoff: int, steps: int, out: Path) -> list[dict]:
+    """parallel.sequence 1 and 2 through the real launcher; per-rank peaks from summary.json."""
+    import os
+    import statistics
+
+    rows = []
+    for n in (1, 2):
+        run_dir = out / f"sp{n}"
+        overrides = ["dataset=rag_ko", "template=llama3_rag", f"dataset.cutoff_len={cutoff}",
+                     "backend=deepspeed_zero3", "launcher.nproc_per_node=2", f"parallel.sequence={n}",
+                     f"train.max_steps={steps}", f"train.grad_accum={n}", "merge.after_train=false",
+                     "model.dtype=float32", "planner.force=true", f"hydra.run.dir={run_dir}"]
+        r = subprocess.run([sys.executable, "-m", "launcher", *overrides], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if r.returncode != 0:
+            raise SystemExit(f"parallel.sequence={n} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        mem = summary["memory_mb_per_rank"]
+        steps_ = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows.append({"sequence": n, "cutoff": cutoff,
+                     "peak_above_model_mb": [round(p - b, 1) for p, b in zip(mem["peak"], mem["before_model"])],
+                     "device_peak_mb": mem["device_peak"],
+                     "tokens_per_s": round(statistics.median(x["tokens_per_s"] for x in steps_), 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cutoff", type=int, nargs="+", default=[4096, 8192])
@@ -87,8 +122,15 @@ def main() -> None:
     ap.add_argument("--supervised", type=float, default=1.0)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--sequence", action="store_true", help="sequence degree 1 vs 2 instead of the loss")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.sequence:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            sequence_runs(args.cutoff[0], args.steps, Path(tmp))
+        return
     common = [f"--hidden={args.hidden}", f"--layers={args.layers}", f"--vocab={args.vocab}",
               f"--supervised={args.supervised}", f"--steps={args.steps}", f"--dtype={args.dtype}"]
     if args.one:
