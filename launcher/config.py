@@ -157,8 +157,8 @@ class TrainerConfig:
     save_total_limit: int = 2
     # The loss computes logits for at most this many supervised positions at a time and never holds fp32
     # [tokens × vocab] logits (launcher/loss.py); 0: the plain path (the model's full logits, upcast to fp32).
-    # Same loss and gradients either way; smaller chunks use less memory, and under ZeRO-3 each chunk gathers the
-    # output head once more.
+    # Same loss and gradients either way; smaller chunks use less memory (each chunk's logits are recomputed in
+    # backward, one extra output-head matmul over the supervised positions).
     loss_chunk_tokens: int = 2048
 
 

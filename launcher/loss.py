@@ -2,23 +2,24 @@
 
 The plain path (``model(...).logits`` then ``cross_entropy(logits.float())``) holds ``[tokens × vocab]`` logits,
 their fp32 copy, the fp32 log-softmax saved for backward and fp32 gradients: at 8k tokens and a 128k vocabulary
-about 4 GB each, more than the rest of a small model's step. The chunked path instead
+about 4 GB each, more than the rest of a small model's step. The chunked path runs the model as usual, but for
+that one call the output head's forward is replaced by a function that
 
-1. runs the model with ``logits_to_keep`` empty, so its own output head computes nothing, and takes the final
-   hidden states from the decoder (a forward hook: the call still goes through whatever wraps the model --
-   DeepSpeed's engine, FSDP2's root, PEFT -- so their hooks run as usual);
-2. keeps only the supervised positions (prompt tokens have no loss, so they need no logits at all);
-3. calls the output head *module* once, with its forward replaced for that call by a loop over a fixed number
-   of chunks of those positions: the head's own forward on the chunk, then DeepSpeed's ``chunked_cross_entropy``
-   (fp32 arithmetic, a Triton kernel on CUDA, blocks of rows elsewhere), summed. Each chunk runs under activation
-   checkpointing: its logits are freed after the forward and recomputed in backward, so at most about one chunk
-   of logits and its gradient exist at a time.
+1. keeps only the supervised positions of the hidden states it receives (prompt tokens have no loss, so they
+   need no logits at all);
+2. runs the head's own forward on a fixed number of chunks of those positions and sums DeepSpeed's
+   ``chunked_cross_entropy`` over them (fp32 arithmetic, a Triton kernel on CUDA, blocks of rows elsewhere;
+   Gemma's logit soft-capping applied first). Each chunk runs under activation checkpointing: its logits are
+   freed after the forward and recomputed in backward, so about one chunk of logits and its gradient exist at
+   a time;
+3. returns logits for no position, so the model's own post-processing has nothing to do.
 
-Calling the module once keeps every wrapper's hooks in charge of its weight: ZeRO-3 gathers it before this forward
-and, through a hook on the returned loss, again before its backward (where the chunks are recomputed); FSDP2 does
-the same for the unit holding the head (Accelerate puts it in its own unit), and reduces its gradient once.
-Calling the head once per chunk instead crashed FSDP2 (a chunk's backward ran after the unit had already
-reduced and freed its parameters for an earlier chunk) and would gather the weight under ZeRO-3 once per chunk.
+The head is still called once, by the model, as a module: every wrapper's hooks stay in charge of its weight.
+ZeRO-3 gathers it for this forward and, through a hook on the head's output (the loss is made to depend on the
+empty logits for this), again for its backward, where the chunks are recomputed; FSDP2 likewise (Accelerate puts
+the head in a unit of its own) and reduces its gradient once. Calling the head separately, once per chunk, after
+the model's forward crashed FSDP2 (a chunk's backward ran after the unit had reduced and freed its parameters for
+an earlier chunk) and would gather the weight under ZeRO-3 once per chunk.
 
 Why not DeepSpeed's ``TiledFusedLogitsLoss``: it computes the head's weight gradient inside the forward with an
 incoming gradient of 1, so the loop's scaling (``× world / supervised tokens``) never reaches that gradient
