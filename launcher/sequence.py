@@ -55,12 +55,22 @@ def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     """transformers' sdpa over whole rows, keeping packed records apart by their (gathered) position ids."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    pos = kwargs.pop("position_ids")
+    return sdpa_attention_forward(module, query, key, value, _packed_mask(kwargs.pop("position_ids")), **kwargs)
+
+
+_last_mask: list[tuple[torch.Tensor, torch.Tensor]] = []  # (position ids, mask) of the latest layer
+
+
+def _packed_mask(pos: torch.Tensor) -> torch.Tensor:
+    """Causal, block-diagonal ``[rows, 1, n, n]`` boolean mask: a record starts where its position is 0. Every
+    layer of a forward sees the same positions, so the layers share one mask (one copy saved for backward)."""
+    if _last_mask and _last_mask[0][0].shape == pos.shape and torch.equal(_last_mask[0][0], pos):
+        return _last_mask[0][1]
     doc = (pos == 0).cumsum(-1)  # which record of its row each token belongs to
-    n = pos.shape[-1]
-    causal = torch.ones(n, n, dtype=torch.bool, device=pos.device).tril()
-    mask = (doc[:, :, None] == doc[:, None, :]) & causal  # [rows, n, n]
-    return sdpa_attention_forward(module, query, key, value, mask[:, None], **kwargs)
+    idx = torch.arange(pos.shape[-1], device=pos.device)
+    mask = ((doc[:, :, None] == doc[:, None, :]) & (idx[:, None] >= idx[None, :]))[:, None]
+    _last_mask[:] = [(pos, mask)]
+    return mask
 
 
 def setup(cfg: Config) -> Any:
