@@ -99,7 +99,8 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from launcher.__main__ import quiet_libraries, worker_env
+    from launcher.__main__ import quiet_libraries
+    from launcher.backends import backend_for
     from launcher.config import register_configs, to_object, validate
     from launcher.data import prepare
     from launcher.model import load_tokenizer, materialize
@@ -130,7 +131,8 @@ def main() -> None:
                "--log_level", "warning", __file__, "--worker", str(run_dir), str(base_data), str(base_mbs),
                str(args.rounds), str(args.block)]
         t0 = time.time()
-        r = subprocess.run(cmd, cwd=ROOT, env=worker_env(cfg, args.nproc), capture_output=True, text=True)
+        env = backend_for(cfg).worker_env(cfg, args.nproc)
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if r.returncode != 0:
             sys.exit(f"workers failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
         totals = json.loads((run_dir / "bench.json").read_text())

@@ -20,6 +20,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from launcher.backends import backend_for
 from launcher.config import Config, ConfigError, register_configs, to_object, validate
 
 register_configs()
@@ -27,73 +28,6 @@ register_configs()
 
 def say(msg: str) -> None:
     print(f"[launcher] {msg}", file=sys.stderr, flush=True)
-
-
-def workers_per_node(cfg: Config) -> int:
-    if cfg.backend.name == "single":
-        return 1
-    if cfg.launcher.nproc_per_node:
-        return cfg.launcher.nproc_per_node
-    import torch
-
-    return torch.cuda.device_count() or 2
-
-
-def _cli(name: str) -> str:
-    """The CLI that sits next to this interpreter, so an un-activated venv works too."""
-    path = Path(sys.executable).parent / name
-    return str(path) if path.exists() else name
-
-
-def worker_command(cfg: Config, nproc: int) -> list[str]:
-    """The exact command that starts this node's workers."""
-    if cfg.backend.name == "single":
-        return [sys.executable, "-m", "launcher.train", cfg.run_dir]
-    lc = cfg.launcher
-    if cfg.backend.name == "fsdp":
-        from launcher.config import resolve_path
-        from launcher.model import compute_dtype
-
-        import torch
-
-        bf16 = compute_dtype(cfg.model) == torch.bfloat16
-        # Everything that differs per run goes on the command line; the shipped file holds the FSDP2 settings.
-        return [_cli("accelerate"), "launch", "--config_file", str(resolve_path(cfg.backend.accelerate_config)),
-                "--num_processes", str(nproc * lc.nnodes), "--num_machines", str(lc.nnodes),
-                "--machine_rank", str(lc.node_rank), "--main_process_ip", lc.master_addr,
-                "--main_process_port", str(lc.master_port), "--mixed_precision", "bf16" if bf16 else "no",
-                "--max_restarts", "0", "--module", "launcher.train", cfg.run_dir]
-    cmd = [_cli("deepspeed"), "--num_gpus", str(nproc), "--master_addr",
-           lc.master_addr, "--master_port", str(lc.master_port), "--no_local_rank", "--log_level", "warning"]
-    if lc.nnodes > 1:
-        # Each node's launcher starts only its own workers: no ssh/pdsh between nodes.
-        cmd += ["--hostfile", str(deepspeed_hostfile(cfg, nproc)), "--no_ssh", "--num_nodes", str(lc.nnodes),
-                "--node_rank", str(lc.node_rank)]
-    return cmd + ["--module", "launcher.train", cfg.run_dir]
-
-
-def deepspeed_hostfile(cfg: Config, nproc: int) -> Path:
-    """The hostfile `deepspeed --no_ssh` insists on for more than one node (without one it refuses with "Num nodes
-    is >1 but no extra nodes available via hostfile"). With --no_ssh it only counts nodes and slots: the names are
-    never contacted (rendezvous is master_addr:master_port), so placeholders do. Every node writes the same file."""
-    path = Path(cfg.run_dir) / "deepspeed_hostfile"
-    text = "".join(f"node{i} slots={nproc}\n" for i in range(cfg.launcher.nnodes))
-    if not path.is_file() or path.read_text() != text:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return path
-
-
-def worker_env(cfg: Config, nproc: int) -> dict[str, str]:
-    env = dict(os.environ)
-    threads = cfg.launcher.omp_num_threads or max(1, (os.cpu_count() or 1) // nproc)
-    # Without this each CPU worker starts one thread per core and they fight (≈15× slower on 2 cores).
-    env.setdefault("OMP_NUM_THREADS", str(threads))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Accelerate would quietly turn FSDP into DDP with this set; the FSDP backend works on CPU without it.
-    env.pop("ACCELERATE_USE_CPU", None)
-    return env
 
 
 def quiet_libraries() -> None:
@@ -104,16 +38,11 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, instead of DeepSpeed warning that it guessed
 
 
 def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
     """Everything before the workers: model files, data, the resolved config (checked against an earlier run's
     when resuming in the same run directory)."""
-    from launcher.backends import check_backend_config
     from launcher.checkpoint import resume_checkpoint
     from launcher.data import prepare
     from launcher.model import load_tokenizer, materialize
@@ -122,7 +51,7 @@ def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
 
     check_resumable(cfg, run_dir)
     ckpt = resume_checkpoint(cfg, run_dir, world_size)
-    check_backend_config(cfg, world_size)
+    backend_for(cfg).check_config(cfg, world_size)
     materialize(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     tok_dir = resolve_path(cfg.model.name_or_path)
@@ -291,13 +220,6 @@ def spawn(cmd: list[str], env: dict[str, str]) -> tuple[int, int | None]:
     return rc, (received[0] if received else None)
 
 
-def remove_shm_buffers(addr: str, port: int | None) -> None:
-    """Delete the shared-memory all-reduce buffers DeepSpeed's CPU backend leaves in /dev/shm (66 MiB per rank,
-    held in RAM until deleted). They are named after the rendezvous address and port, so only this job's go."""
-    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_*"):
-        leftover.unlink(missing_ok=True)
-
-
 def report_failure(run_dir: Path, rc: int) -> None:
     """Name the rank that failed first (later failures are usually other ranks losing contact with it)."""
     errors = []
@@ -347,7 +269,8 @@ def run(dcfg: DictConfig) -> int:
 
     check_available(cfg.model)  # before the memory planner, which reads the model's config.json
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
-    nproc = workers_per_node(cfg)
+    backend = backend_for(cfg)
+    nproc = backend.workers_per_node(cfg)
     if cfg.launcher.master_port is None:
         from launcher.preflight import free_port
 
@@ -364,7 +287,7 @@ def run(dcfg: DictConfig) -> int:
         memory_plan = check_memory(cfg, nproc, say, refuse=not cfg.dry_run)
     if cfg.dry_run:
         cfg.run_dir = str(run_dir)
-        print(shlex.join(worker_command(cfg, nproc)))
+        print(shlex.join(backend.worker_command(cfg, nproc)))
         return 0
     quiet_libraries()
     from launcher.preflight import prepare_once
@@ -374,16 +297,16 @@ def run(dcfg: DictConfig) -> int:
                          lambda: prepare_run(cfg, run_dir, nproc * cfg.launcher.nnodes))
     if memory_plan is not None and cfg.launcher.node_rank == 0:
         (run_dir / "memory_plan.json").write_text(json.dumps(memory_plan, indent=1))
-    cmd = worker_command(cfg, nproc)
+    cmd = backend.worker_command(cfg, nproc)
     say(f"starting {nproc} worker(s) per node × {cfg.launcher.nnodes} node(s): {shlex.join(cmd)}")
-    if cfg.backend.name == "single":
+    if backend.in_process:
         from launcher.train import run as train_run
 
         rc, stop = 0, None
         train_run(run_dir)
     else:
-        rc, stop = spawn(cmd, worker_env(cfg, nproc))
-        remove_shm_buffers(cfg.launcher.master_addr, cfg.launcher.master_port)
+        rc, stop = spawn(cmd, backend.worker_env(cfg, nproc))
+        backend.after_workers(cfg)
     # (an earlier attempt's summary was removed when this one started)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     if summary.get("stopped") or (rc != 0 and stop is not None):

@@ -12,23 +12,11 @@ Layout of ``<run_dir>/checkpoints/step-N/``::
                             "backend", "finetune"}
     rng/rank-R.pt          rank R's Python, NumPy, torch (and CUDA) RNG states
     adapter_config.json    LoRA only: the PEFT config; the frozen base is model.name_or_path of <run_dir>/config.yaml
+    ...                    model, optimizer and schedule in the backend's own layout: each module in
+                           launcher/backends/ describes its layout and reads it offline (``read_checkpoint``)
 
-    backend=deepspeed      DeepSpeed's own layout, tag = "step-N" (for LoRA only the trained parameters):
-                             mp_rank_00_model_states.pt, zero_pp_rank_R_mp_rank_00_optim_states.pt
-                             (+ zero_pp_rank_R_mp_rank_00_model_states.pt with ZeRO-3)
-                           consolidate: deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
-                             "<run_dir>/checkpoints", tag="step-N")
-    backend=fsdp           torch.distributed.checkpoint (DCP) directories, sharded by rank, keyed by the parameter
-                           names of the unwrapped (PEFT) model, fp32:
-                             model/       .metadata + __R_0.distcp  (for LoRA only the trained parameters)
-                             optimizer/   .metadata + __R_0.distcp  (AdamW state keyed by parameter name)
-                             scheduler.pt
-                           consolidate: torch.distributed.checkpoint.format_utils.dcp_to_torch_save(
-                             "step-N/model", "model.pt")
-    backend=single         state.pt: {"model": state dict (trained parameters only for LoRA), "optimizer",
-                           "scheduler"}
-
-:func:`consolidated_state_dict` reads any of the three into one fp32 state dict in a single process.
+:class:`CheckpointError` is the one error for a checkpoint that is missing, incomplete or damaged, raised by resume
+and by the merge alike.
 
 Stopping early: SIGTERM, SIGUSR1 (and a first Ctrl-C) make every worker finish its current optimizer step, save a
 checkpoint and exit; the launcher then exits with :data:`STOPPED_EXIT_CODE` so a batch script can requeue the job.
@@ -51,10 +39,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from launcher.backends import backend_for
 from launcher.config import Config, ConfigError, flatten, resolve_path
 
 if TYPE_CHECKING:
-    from launcher.backends import Backend
+    from launcher.backends.base import Backend
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry". The launcher exits with it after
 # workers stopped on SIGTERM/SIGUSR1 (a checkpoint was saved, or no progress was lost): requeue and resume.
@@ -64,7 +53,8 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 
 
 class CheckpointError(ConfigError):
-    """A checkpoint that cannot be resumed from; the message says which and what to do."""
+    """A checkpoint that is missing, incomplete or damaged, or cannot be resumed from; the message says which file
+    and what to do."""
 
 
 @dataclass
@@ -128,10 +118,11 @@ def resume_checkpoint(cfg: Config, run_dir: Path, world_size: int) -> Path | Non
             f"{ckpt} was written by {state.world_size} ranks but this run has {world_size}; its sharded optimizer "
             f"state and data position only fit the same number. Resume with launcher.nproc_per_node × "
             f"launcher.nnodes = {state.world_size}, or start a new run directory.")
-    if state.backend != cfg.backend.name or state.finetune != cfg.finetune.method:
+    backend = backend_for(cfg).name
+    if state.backend != backend or state.finetune != cfg.finetune.method:
         raise CheckpointError(
             f"{ckpt} was written by backend={state.backend}, finetune={state.finetune}; this run uses "
-            f"backend={cfg.backend.name}, finetune={cfg.finetune.method}. Use the same ones to resume.")
+            f"backend={backend}, finetune={cfg.finetune.method}. Use the same ones to resume.")
     return ckpt
 
 
@@ -214,7 +205,7 @@ def resume(backend: Backend, run_dir: Path, cfg: Config) -> TrainState:
         for tmp in (Path(run_dir) / "checkpoints").glob(".tmp-step-*"):
             shutil.rmtree(tmp, ignore_errors=True)
     if ckpt is None:
-        return TrainState(world_size=backend.world_size, backend=cfg.backend.name, finetune=cfg.finetune.method)
+        return TrainState(world_size=backend.world_size, backend=backend_for(cfg).name, finetune=cfg.finetune.method)
     backend.load(ckpt)
     state = read_state(ckpt)
     set_rng_state(torch.load(ckpt / "rng" / f"rank-{backend.rank}.pt", weights_only=False))
@@ -234,32 +225,6 @@ def _trim_metrics(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
-
-
-def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """All saved parameters of a checkpoint of any backend, gathered into one fp32 state dict (one process).
-
-    Keys are the trained model's parameter names (PEFT names for LoRA, where only trained parameters are saved).
-    """
-    ckpt = Path(ckpt)
-    if not is_complete(ckpt):
-        raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker).")
-    state = read_state(ckpt)
-    if state.backend == "deepspeed":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    elif state.backend == "fsdp":
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-        sd = {}  # what torch's dcp_to_torch_save does, without writing a file
-        _load_state_dict(sd, storage_reader=FileSystemReader(str(ckpt / "model")),
-                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    else:
-        sd = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["model"]
-    return {k: v.detach().float() for k, v in sd.items()}
 
 
 # --------------------------------------------------------------------------------------------- stopping

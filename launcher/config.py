@@ -2,18 +2,24 @@
 
 Every YAML file under ``conf/`` fills one of these schemas, so a misspelt key or a wrong type fails at
 composition time with Hydra's own message. Cross-field checks live in :func:`validate`, which gathers every
-problem into one :class:`ConfigError` instead of stopping at the first.
+problem into one :class:`ConfigError` instead of stopping at the first; the ``backend`` group is checked by the
+backend it names (launcher/backends/).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from launcher import backends
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -340,18 +346,12 @@ def _choice(errors: list[str], key: str, value: Any, allowed: tuple[str, ...]) -
 
 
 def _qlora_problems(cfg: Config) -> list[str]:
-    """QLoRA stores the frozen base in 4 bits with bitsandbytes kernels, which exist only for GPUs."""
-    import importlib.util
-
-    import torch
-
+    """QLoRA stores the frozen base in 4 bits with bitsandbytes kernels, which exist only for GPUs (whether the
+    backend can hold 4-bit weights is the backend's check)."""
     if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
         return ["finetune.method=qlora needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes); "
                 "this machine has " + ("no CUDA GPU" if not torch.cuda.is_available() else "no bitsandbytes")
                 + ". Use finetune=lora instead."]
-    if cfg.backend.name != "single":
-        return [f"finetune.method=qlora runs with backend=single only (4-bit weights cannot be sharded by "
-                f"backend.name={cfg.backend.name!r} here); use finetune=lora with a sharded backend."]
     return []
 
 
@@ -362,21 +362,11 @@ def validate(cfg: Config) -> None:
     _choice(e, "model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16"))
     _choice(e, "model.attn_implementation", cfg.model.attn_implementation,
             ("sdpa", "eager", "flash_attention_2", "flash_attention_3"))
-    _choice(e, "backend.name", cfg.backend.name, ("single", "deepspeed", "fsdp"))
     _choice(e, "finetune.method", cfg.finetune.method, ("full", "lora", "qlora"))
     _choice(e, "dataset.overlong", cfg.dataset.overlong, ("truncate", "drop", "cut_prompt"))
     _choice(e, "dataset.on_error", cfg.dataset.on_error, ("raise", "skip"))
     _choice(e, "template.system_position", cfg.template.system_position, ("turn", "first_user", "last_user"))
-    if cfg.backend.name == "deepspeed" and not cfg.backend.ds_config:
-        e.append("backend.ds_config is empty: name a DeepSpeed JSON, e.g. backend=deepspeed_zero3.")
-    if cfg.backend.ds_config and not resolve_path(cfg.backend.ds_config).is_file():
-        e.append(f"backend.ds_config={cfg.backend.ds_config!r} does not exist: use a file from ds_configs/ "
-                 f"or an absolute path.")
-    if cfg.backend.name == "fsdp" and not cfg.backend.accelerate_config:
-        e.append("backend.accelerate_config is empty: name an Accelerate config file, e.g. backend=fsdp.")
-    if cfg.backend.accelerate_config and not resolve_path(cfg.backend.accelerate_config).is_file():
-        e.append(f"backend.accelerate_config={cfg.backend.accelerate_config!r} does not exist: use "
-                 f"accelerate_configs/fsdp2.yaml or an absolute path.")
+    e += backends.config_problems(cfg)
     if cfg.backend.timeout_minutes <= 0:
         e.append(f"backend.timeout_minutes={cfg.backend.timeout_minutes} must be positive, e.g. 30.")
     if cfg.finetune.method == "qlora":
@@ -403,15 +393,7 @@ def validate(cfg: Config) -> None:
             e.append(f"train.{key}={getattr(cfg.train, key)} must be at least 1.")
     if cfg.parallel.sequence < 1:
         e.append(f"parallel.sequence={cfg.parallel.sequence} must be at least 1.")
-    elif cfg.parallel.sequence > 1:
-        if cfg.backend.name == "fsdp":
-            e.append(f"parallel.sequence={cfg.parallel.sequence} is not supported with backend=fsdp (DeepSpeed's "
-                     f"Ulysses attention is tied to DeepSpeed's process groups); use backend=deepspeed_zero3 "
-                     f"(same sharding of model states as FSDP2 full shard).")
-        elif cfg.backend.name != "deepspeed":
-            e.append(f"parallel.sequence={cfg.parallel.sequence} splits rows over several workers: use "
-                     f"backend=deepspeed_zero3 (or deepspeed_zero2) with launcher.nproc_per_node >= "
-                     f"{cfg.parallel.sequence}.")
+    elif cfg.parallel.sequence > 1:  # the backend's part: launcher.backends (config_problems)
         if cfg.model.attn_implementation != "sdpa":
             e.append(f"parallel.sequence={cfg.parallel.sequence} needs model.attn_implementation=sdpa (got "
                      f"{cfg.model.attn_implementation!r}): the sequence-parallel attention keeps packed records "
@@ -449,8 +431,6 @@ def validate_merge(m: MergeConfig) -> list[str]:
     e: list[str] = []
     _choice(e, "merge.dtype", m.dtype, ("auto", "float32", "bfloat16", "float16"))
     try:
-        from huggingface_hub import split_torch_state_dict_into_shards
-
         split_torch_state_dict_into_shards({}, max_shard_size=m.max_shard_size)  # the parser the export uses
     except ValueError:
         e.append(f"merge.max_shard_size={m.max_shard_size!r} is not a size: use e.g. 5GB, 500MB or 100KB.")

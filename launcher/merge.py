@@ -74,14 +74,15 @@ def first_question(ask: str, data_dir: str) -> list[dict[str, str]] | None:
 
 def run(path: str, overrides: list[str], ask: bool = False) -> int:
     """Export (and verify) the checkpoint at ``path``; with ``ask``, answer merge.ask's first question."""
+    from launcher.checkpoint import CheckpointError
     from launcher.data import DataError
-    from launcher.export import ExportError, VerificationError, export, find_checkpoint
+    from launcher.export import VerificationError, export, find_checkpoint
 
     try:
         src = find_checkpoint(path)
         mcfg = apply_overrides(src.cfg.merge, overrides)
         result = export(src.checkpoint, mcfg, log=say)
-    except (ExportError, ConfigError, DataError) as err:
+    except (CheckpointError, ConfigError, DataError) as err:
         say(f"error: {err}")
         return 2
     except VerificationError as err:

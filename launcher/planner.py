@@ -18,7 +18,8 @@ DeepSpeed ZeRO-3       bΨ/W        bΦ/W         16Φ/W         + gathered para
 FSDP2 (full shard)     4Ψ/W        4Φ/W         8Φ/W          + b·(2 layers + embeddings, head, final norm)
 =====================  ==========  ===========  ============  ===================================================
 
-FSDP2 gathers a layer (and prefetches the next) in the compute dtype; its root unit stays gathered. QLoRA
+Each backend computes its row (``memory_plan`` in launcher/backends/); this module adds activations and checks
+the total against the devices. FSDP2 gathers a layer (and prefetches the next) in the compute dtype; its root unit stays gathered. QLoRA
 (single process) stores the frozen linear weights in NF4, about 0.53 byte each. DeepSpeed keeps its float32
 master partition even when training in float32. ``offload_optimizer`` moves the
 optimizer column to host memory, ``offload_param`` the parameter shard. On CPU, DeepSpeed's shared-memory
@@ -55,19 +56,23 @@ and a fixed per-process overhead cover them), NCCL buffers, MoE routing, sliding
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+import psutil
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from launcher.backends import backend_for
 from launcher.config import Config, ConfigError, resolve_path
+from launcher.model import apply_finetune, compute_dtype, model_dir
 
 GIB = 1024**3
 # What a process holds besides the model and its activations: the CUDA context and NCCL buffers on a GPU, or
 # the interpreter with torch, transformers and DeepSpeed imported on a CPU worker (measured: ~0.6-0.9 GiB).
 GPU_PROCESS_OVERHEAD = 1.0 * GIB
 CPU_PROCESS_OVERHEAD = 0.8 * GIB
-DS_SHM_BUFFER = 66 * 2**20  # deepspeed/ops/csrc/cpu/comm/shm.cpp: 2 × 1 MiB + 2 × 32 MiB per rank
 
 
 @dataclass
@@ -90,7 +95,7 @@ class ModelShape:
 
 
 @dataclass
-class Plan:
+class MemoryPlan:
     """Per-device estimate in bytes (device = one GPU, or one worker process on a CPU host)."""
 
     strategy: str
@@ -117,11 +122,6 @@ class Plan:
 
 def load_shape(cfg: Config) -> ModelShape:
     """Build the configured model on the meta device (no weights) and count what the plan needs."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from launcher.model import apply_finetune, model_dir
-
     where = resolve_path(cfg.model.name_or_path) if cfg.model.init == "random" else model_dir(cfg.model)
     hf = AutoConfig.from_pretrained(where, trust_remote_code=cfg.model.trust_remote_code)
     with torch.device("meta"), warnings.catch_warnings():
@@ -146,19 +146,6 @@ def load_shape(cfg: Config) -> ModelShape:
         kv_dim=getattr(text, "num_key_value_heads", heads) * head_dim,
         intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), vocab=text.vocab_size, heads=heads,
         kv_heads=getattr(text, "num_key_value_heads", heads))
-
-
-def _ds_settings(cfg: Config) -> dict[str, Any]:
-    ds = json.loads(resolve_path(cfg.backend.ds_config or "").read_text())
-    z = ds.get("zero_optimization", {})
-    num = lambda v, d: v if isinstance(v, (int, float)) else d  # noqa: E731 - "auto" values: DeepSpeed's default
-    return {
-        "stage": int(z.get("stage", 0)),
-        "offload_optimizer": (z.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme"),
-        "offload_param": (z.get("offload_param") or {}).get("device", "none") in ("cpu", "nvme"),
-        "max_live": num(z.get("stage3_max_live_parameters"), 1e9),
-        "reduce_bucket": num(z.get("reduce_bucket_size"), 5e8),
-    }
 
 
 def layer_bytes(s: ModelShape, row_len: int, b: int, attn: str) -> float:
@@ -191,62 +178,21 @@ def activation_bytes(s: ModelShape, tokens: int, row_len: int, b: int, checkpoin
 
 
 def estimate(cfg: Config, shape: ModelShape, world_size: int, cuda: bool, sequence: int = 1,
-             checkpointing: bool | None = None) -> Plan:
-    """The per-device plan for this config at ``world_size`` ranks, each row split over ``sequence`` of them;
-    ``checkpointing`` overrides ``model.gradient_checkpointing`` (for the suggestions)."""
-    import torch
-
-    from launcher.model import compute_dtype
-
+             checkpointing: bool | None = None) -> MemoryPlan:
+    """The per-device plan for this config at ``world_size`` ranks, each row split over ``sequence`` of them:
+    activations here, model states from the backend (its ``memory_plan``). ``checkpointing`` overrides
+    ``model.gradient_checkpointing`` (for the suggestions)."""
     b = 2 if compute_dtype(cfg.model) == torch.bfloat16 else 4
-    psi, phi, W = shape.params, shape.trainable, max(world_size, 1)
     tokens = cfg.train.micro_batch_size * cfg.dataset.cutoff_len
     attn = cfg.model.attn_implementation
     ckpt = cfg.model.gradient_checkpointing if checkpointing is None else checkpointing
     acts = {c: activation_bytes(shape, tokens, cfg.dataset.cutoff_len, b, c, attn, cfg.train.loss_chunk_tokens,
                                 sequence) for c in (ckpt, not ckpt)}
     (act, transient), act_other = acts[ckpt], acts[not ckpt][0]
-    common = dict(world_size=W, activations=act, activations_other=act_other, tokens=tokens, sequence=sequence)
-
-    if cfg.backend.name == "deepspeed":
-        ds = _ds_settings(cfg)
-        stage, notes = ds["stage"], []
-        opt_w = W if stage >= 1 else 1
-        params = b * psi / (W if stage == 3 else 1)
-        grads = b * phi / (W if stage >= 2 else 1)
-        # float32 master partition (kept even when training in float32), float32 gradient partition, two moments
-        optim = (4 + 4 + 8) * phi / opt_w
-        if stage == 3:
-            # ZeRO-3 gathers each layer for its forward/backward and keeps it while under max_live_parameters.
-            params += b * min(psi, ds["max_live"]) * (W - 1) / W
-        else:
-            transient += min(ds["reduce_bucket"], phi) * b
-        host = 0.0
-        if ds["offload_optimizer"]:
-            host, optim = host + optim, 0.0
-            notes.append("optimizer states offloaded to host memory")
-        if ds["offload_param"] and stage == 3:
-            host += b * psi / W
-            params -= b * psi / W
-            notes.append("parameter shards offloaded to host memory")
-        return Plan(f"DeepSpeed ZeRO-{stage} × {W}", parameters=params, gradients=grads, optimizer=optim,
-                    transient=transient, step_temp=0.0 if ds["offload_optimizer"] else 4 * phi / opt_w,
-                    # On CPU, DeepSpeed's shared-memory all-reduce maps every rank's buffer into every rank.
-                    buffers=0.0 if cuda else DS_SHM_BUFFER * W, host_offload=host, notes=notes, **common)
-    if cfg.backend.name == "fsdp":
-        # float32 shards; while a layer computes, it and the prefetched next one are gathered in the compute dtype,
-        # and the root unit (embeddings, head, final norm) stays gathered through forward and backward.
-        gathered = b * (2 * shape.largest_layer + psi - shape.layer_params)
-        return Plan(f"FSDP2 full shard × {W}", parameters=4 * psi / W + gathered, gradients=4 * phi / W,
-                    optimizer=8 * phi / W, transient=transient, step_temp=4 * phi / W, **common)
-    cache = 2 * shape.trainable_matmul if b < 4 else 0  # autocast's bf16 copies of the trainable weights
-    params = 4 * psi + cache
-    notes = []
-    if cfg.finetune.method == "qlora":  # the frozen body in NF4 with double quantisation: ~0.53 byte per weight
-        params -= (4 - 0.53) * shape.frozen_body_matmul
-        notes.append("QLoRA: frozen linear weights counted at 4 bits")
-    return Plan("single process", parameters=params, gradients=4 * phi, optimizer=8 * phi,
-                transient=transient, step_temp=4 * phi, notes=notes, **common)
+    activations = MemoryPlan("", world_size=max(world_size, 1), parameters=0.0, gradients=0.0, optimizer=0.0,
+                             activations=act, activations_other=act_other, transient=transient, tokens=tokens,
+                             sequence=sequence)
+    return backend_for(cfg).memory_plan(cfg, shape, b, cuda, activations)
 
 
 @dataclass
@@ -259,9 +205,6 @@ class Capacity:
 
 def detect_capacity() -> Capacity:
     """GPU memory of the smallest visible GPU, or the host's available RAM on a CPU-only machine."""
-    import psutil
-    import torch
-
     host = float(psutil.virtual_memory().available)
     if torch.cuda.is_available() and torch.cuda.device_count():
         props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
@@ -274,7 +217,7 @@ def _gib(x: float) -> str:
     return f"{x / GIB:,.2f} GiB"
 
 
-def table(plan: Plan, cap: Capacity, per_node: int) -> list[str]:
+def table(plan: MemoryPlan, cap: Capacity, per_node: int) -> list[str]:
     """The short table printed before the workers start (its rows add up to the total)."""
     ckpt = "with" if plan.activations < plan.activations_other else "without"
     peak = plan.total - plan.parameters - plan.gradients - plan.optimizer - plan.buffers - plan.activations
@@ -296,7 +239,7 @@ def table(plan: Plan, cap: Capacity, per_node: int) -> list[str]:
     return out + [f"  note: {n}" for n in plan.notes]
 
 
-def needed(plan: Plan, cap: Capacity, per_node: int) -> tuple[float, float]:
+def needed(plan: MemoryPlan, cap: Capacity, per_node: int) -> tuple[float, float]:
     """(bytes needed, bytes usable) on the tightest resource: one GPU, or the host holding every local rank."""
     if cap.kind == "cuda":
         return plan.total + GPU_PROCESS_OVERHEAD, cap.per_device
@@ -319,7 +262,7 @@ def smallest_fix(cfg: Config, shape: ModelShape, cap: Capacity, per_node: int, w
     return None
 
 
-def suggestions(cfg: Config, plan: Plan, fix: str | None = None) -> list[str]:
+def suggestions(cfg: Config, plan: MemoryPlan, fix: str | None = None) -> list[str]:
     tips = [f"{fix} (the smallest such change that fits)"] if fix else []
     if not cfg.model.gradient_checkpointing and plan.activations_other < plan.activations and (
             not fix or "gradient_checkpointing" not in fix):
@@ -328,11 +271,7 @@ def suggestions(cfg: Config, plan: Plan, fix: str | None = None) -> list[str]:
     if cfg.train.micro_batch_size > 1:
         tips.append(f"train.micro_batch_size={max(1, cfg.train.micro_batch_size // 2)} with "
                     f"train.grad_accum={cfg.train.grad_accum * 2} (same batch, half the activations)")
-    if cfg.backend.name != "deepspeed" or "ZeRO-3" not in plan.strategy:
-        tips.append("backend=deepspeed_zero3 (shards parameters, gradients and optimizer states over the GPUs)")
-    elif not plan.host_offload:
-        tips.append("a DeepSpeed config with zero_optimization.offload_optimizer.device=cpu (optimizer states "
-                    "to host memory)")
+    tips += backend_for(cfg).memory_tips(cfg, plan)
     if cfg.finetune.method == "full":
         tips.append("finetune=lora (trains adapters only: gradients and optimizer states shrink to a few MB)")
     tips.append(f"a shorter dataset.cutoff_len (now {cfg.dataset.cutoff_len}) or more GPUs")
@@ -340,10 +279,11 @@ def suggestions(cfg: Config, plan: Plan, fix: str | None = None) -> list[str]:
 
 
 def sequence_degrees(cfg: Config, world: int, shape: ModelShape) -> list[int]:
-    """Sequence degrees the job could run with: on DeepSpeed, the configured one and the larger ones that divide
-    the world size and the attention heads (launcher/sequence.py); elsewhere the configured one."""
+    """Sequence degrees the job could run with: on a backend that splits rows (DeepSpeed), the configured one and
+    the larger ones that divide the world size and the attention heads (launcher/sequence.py); elsewhere the
+    configured one."""
     now = cfg.parallel.sequence
-    if cfg.backend.name != "deepspeed" or cfg.model.attn_implementation != "sdpa":
+    if not backend_for(cfg).supports_sequence_parallel or cfg.model.attn_implementation != "sdpa":
         return [now]
     return [d for d in range(now, world + 1) if world % d == 0 and d % now == 0 and shape.heads % d == 0
             and (shape.kv_heads % d == 0 or d % shape.kv_heads == 0)]
@@ -361,7 +301,7 @@ def check_memory(cfg: Config, nproc_per_node: int, say: Callable[[str], None],
         say(f"memory plan skipped: cannot read the model's config.json ({str(err).splitlines()[0][:200]})")
         return None
     cap = detect_capacity()
-    world = nproc_per_node * max(cfg.launcher.nnodes, 1) if cfg.backend.name != "single" else 1
+    world = backend_for(cfg).world_size(cfg, nproc_per_node)
     plan = estimate(cfg, shape, world, cap.kind == "cuda", sequence=cfg.parallel.sequence)
     for line in table(plan, cap, nproc_per_node):
         say(line)

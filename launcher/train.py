@@ -21,7 +21,8 @@ from typing import Any, Iterator
 
 import torch
 
-from launcher.backends import Backend, make_backend
+from launcher.backends import backend_for, make_backend
+from launcher.backends.base import Backend
 from launcher.checkpoint import StopRequest, complete_checkpoints, resume, save_checkpoint
 from launcher.config import Config, load_run_config
 from launcher.evaluate import Evaluator, LossFn
@@ -130,10 +131,11 @@ def build_model(cfg: Config, dtype: torch.dtype, empty: bool) -> torch.nn.Module
 def check_world(cfg: Config, backend: Backend) -> None:
     """Fail loudly if the workers did not form the process group the launcher started (e.g. a library quietly
     running each process alone): they would all train on the same data and write the same files."""
-    expected = 1 if cfg.backend.name == "single" else (cfg.launcher.nproc_per_node or 0) * cfg.launcher.nnodes
+    kind = backend_for(cfg)
+    expected = kind.world_size(cfg, cfg.launcher.nproc_per_node or 0)
     if expected and backend.world_size != expected:
         raise RuntimeError(f"the launcher started {expected} workers but this one sees a world of "
-                           f"{backend.world_size}: backend {cfg.backend.name!r} did not form the process group.")
+                           f"{backend.world_size}: backend {kind.name!r} did not form the process group.")
 
 
 def train_step(model: torch.nn.Module, backend: Backend, batches: list[dict[str, torch.Tensor]],

@@ -90,7 +90,7 @@ def test_loss_curve_matches_one_process(tmp_path_factory, backend: str, finetune
     # Both checkpoints kept (save_steps=6, limit 2), complete, and consolidating to the same weights.
     ckpts = sorted(p.name for p in (run.dir / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert ckpts == ["step-12", "step-6"]
-    from launcher.checkpoint import consolidated_state_dict
+    from launcher.export import consolidated_state_dict
 
     mine = consolidated_state_dict(run.dir / "checkpoints" / "step-12")
     theirs = consolidated_state_dict(ref.dir / "checkpoints" / "step-12")

@@ -153,7 +153,7 @@ def test_zero3_full_round_trip(zero3_full: Path) -> None:
 @pytest.mark.distributed
 def test_zero_reader_equals_deepspeed_consolidation(zero3_full: Path, zero3_lora: Path, zero2_lora: Path) -> None:
     """The lazy reader yields exactly DeepSpeed's tensors, ZeRO-2 and 3, trained and frozen (LoRA base) alike."""
-    from launcher.export import ZeroReader
+    from launcher.backends.deepspeed import ZeroReader
 
     for run in (zero3_full, zero3_lora, zero2_lora):
         ckpt = run / "checkpoints" / "step-2"
@@ -467,20 +467,21 @@ def test_overrides_are_checked() -> None:
 
 
 def test_take_spans_partitions() -> None:
-    from launcher.export import _take
+    from launcher.backends.deepspeed import take
 
     parts = [torch.arange(0, 5), torch.arange(5, 7), torch.arange(7, 12)]
-    assert _take(parts, 3, 6).tolist() == [3, 4, 5, 6, 7, 8]
-    assert _take(parts, 5, 2).tolist() == [5, 6]
+    assert take(parts, 3, 6).tolist() == [3, 4, 5, 6, 7, 8]
+    assert take(parts, 5, 2).tolist() == [5, 6]
     with pytest.raises(IndexError):
-        _take(parts, 10, 5)
+        take(parts, 10, 5)
 
 
 def test_dcp_reader_reads_a_sharded_save(tmp_path: Path) -> None:
     """The FSDP2 layout (step-N/model: DCP .metadata + .distcp) read tensor by tensor; damage is named."""
     import torch.distributed.checkpoint as dcp
 
-    from launcher.export import DcpReader, ExportError
+    from launcher.backends.fsdp import DcpReader
+    from launcher.checkpoint import CheckpointError
 
     torch.manual_seed(0)
     sd = {"model.embed_tokens.weight": torch.randn(64, 16), "lm_head.weight": torch.randn(64, 16),
@@ -494,8 +495,8 @@ def test_dcp_reader_reads_a_sharded_save(tmp_path: Path) -> None:
         assert torch.equal(reader.get(k), v)
     (data,) = folder.glob("*.distcp")
     data.write_bytes(data.read_bytes()[:100])
-    with pytest.raises(ExportError, match="cut short"):
+    with pytest.raises(CheckpointError, match="cut short"):
         DcpReader(folder)
     data.unlink()
-    with pytest.raises(ExportError, match=data.name):
+    with pytest.raises(CheckpointError, match=data.name):
         DcpReader(folder)

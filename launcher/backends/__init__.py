@@ -1,135 +1,58 @@
-"""Backends: how a worker wraps the model, steps the optimizer and writes checkpoints.
+"""Backends: everything that differs between ways of running the workers lives here, one module per backend.
 
-The training loop talks only to :class:`Backend`; it never branches on which one it has. The implementations:
-``single.py`` (one process, plain PyTorch: the reference), ``deepspeed.py`` (ZeRO-2/3, optional offload) and
-``fsdp.py`` (Accelerate + torch FSDP2).
+Each module (``single.py``: one process, plain PyTorch, the reference; ``deepspeed.py``: ZeRO-2/3 through the
+``deepspeed`` CLI; ``fsdp.py``: FSDP2 through ``accelerate launch``) is named as its ``backend.name`` and defines
+``BACKEND``, a :class:`launcher.backends.base.BackendKind` that owns:
+
+* launcher side: the worker command and environment, the backend's config checks, its memory-model terms;
+* worker side: ``runtime(cfg)``, the :class:`launcher.backends.base.Backend` the training loop drives (build,
+  step, save/load);
+* offline: ``read_checkpoint(ckpt)``, the reader of its checkpoint layout that the merge uses.
+
+Nothing outside this package branches on the backend's name: it asks :func:`backend_for`. A new backend is one
+new module here plus its ``conf/backend/*.yaml``.
+
+This module stays free of launcher imports (the modules above import launcher.config, which asks this registry
+for its checks), so every other module can import it at the top.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-from datetime import timedelta
-from pathlib import Path
-from typing import Callable, Protocol
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    from launcher.backends.base import Backend, BackendKind
+    from launcher.config import Config
 
-from launcher.config import Config
-
-# make_model(dtype, empty): the model with its fine-tuning method applied, master weights in ``dtype``; with
-# ``empty=True`` parameters stay on the meta device (a rank that receives its shard from rank 0).
-MakeModel = Callable[[torch.dtype, bool], torch.nn.Module]
+_NOT_BACKENDS = {"base"}  # every other module of this package is a backend, named as its file
 
 
-class Backend(Protocol):
-    rank: int
-    world_size: int
-    device: torch.device
+def names() -> list[str]:
+    """Every backend: the modules of this package."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_BACKENDS)
 
-    def build(self, make_model: MakeModel, total_steps: int) -> torch.nn.Module:
-        """Create the model (sharded as the backend does it), optimizer and schedule; return the module to call."""
 
-    def autocast(self) -> AbstractContextManager:
-        """The context the forward pass runs in (mixed precision, where the backend does not do it itself)."""
+def backend_for(cfg: Config | str) -> BackendKind:
+    """The backend ``cfg.backend.name`` (or the given name) names; its module is imported on first use."""
+    name = cfg if isinstance(cfg, str) else cfg.backend.name
+    if name not in names():
+        raise ValueError(f"backend.name={name!r} is not one of {', '.join(names())}.")
+    return importlib.import_module(f"{__name__}.{name}").BACKEND
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate gradients of ``loss``; the loop has already normalised it for the whole optimizer step."""
 
-    def step(self) -> float:
-        """Apply one optimizer and schedule step, zero the gradients; return the gradient norm before clipping."""
+def every_backend() -> list[BackendKind]:
+    return [backend_for(n) for n in names()]
 
-    def lr(self) -> float: ...
 
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor: ...
-
-    def param_counts(self) -> tuple[int, int]:
-        """(parameter elements this rank holds, parameter elements of the whole model)."""
-
-    def save(self, directory: Path) -> None:
-        """Write model, optimizer and schedule state into ``directory`` (all ranks call this)."""
-
-    def load(self, directory: Path) -> None:
-        """Restore what :meth:`save` wrote (all ranks call this, after :meth:`build`)."""
-
-    def barrier(self) -> None: ...
-
-    def close(self) -> None: ...
+def config_problems(cfg: Config) -> list[str]:
+    """Problems with the ``backend`` group: an unknown name, or what that backend's own checks find."""
+    if cfg.backend.name not in names():
+        return [f"backend.name={cfg.backend.name!r} is not one of {', '.join(names())}."]
+    return backend_for(cfg).config_problems(cfg)
 
 
 def make_backend(cfg: Config) -> Backend:
-    if cfg.backend.name == "deepspeed":
-        from launcher.backends.deepspeed import DeepSpeedBackend
-
-        return DeepSpeedBackend(cfg)
-    if cfg.backend.name == "fsdp":
-        from launcher.backends.fsdp import FSDPBackend
-
-        return FSDPBackend(cfg)
-    from launcher.backends.single import SingleBackend
-
-    return SingleBackend(cfg)
-
-
-def check_backend_config(cfg: Config, world_size: int) -> None:
-    """The backend's own config file (DeepSpeed JSON, Accelerate YAML), checked by the launcher before any worker
-    starts, so a contradiction is a plain ConfigError rather than a traceback in every rank."""
-    from launcher.config import resolve_path
-
-    if cfg.backend.name == "deepspeed":
-        from launcher.backends.deepspeed import fill_ds_config
-
-        fill_ds_config(cfg, world_size)
-    elif cfg.backend.name == "fsdp":
-        from launcher.backends.fsdp import check_accelerate_config
-
-        check_accelerate_config(resolve_path(cfg.backend.accelerate_config))
-
-
-def collective_timeout(cfg: Config) -> timedelta:
-    """How long a collective may wait for a peer: a rank that hangs fails the job instead of hanging it."""
-    return timedelta(minutes=cfg.backend.timeout_minutes)
-
-
-def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def clip_and_step(cfg: Config, model: torch.nn.Module, opt: torch.optim.Optimizer, sched) -> float:
-    """Clip gradients to ``optimizer.max_grad_norm`` (0: no clipping), step optimizer and schedule, zero the
-    gradients; return the norm before clipping (for FSDP2 the norm over every rank's shards)."""
-    clip = cfg.optimizer.max_grad_norm
-    norm = torch.nn.utils.clip_grad_norm_(trainable(model), clip if clip > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # a DTensor (FSDP2): its local value covers this rank's shards only
-        norm = norm.full_tensor()
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return float(norm)
-
-
-class ProcessGroupMixin:
-    """What every multi-process backend does the same way with torch.distributed's default group."""
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        torch.distributed.all_reduce(t)
-        return t
-
-    def barrier(self) -> None:
-        torch.distributed.barrier()
-
-    def close(self) -> None:
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # no rank tears the group down while another still talks to it
-            torch.distributed.destroy_process_group()
-
-
-def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], total_steps: int):
-    """AdamW and its linear-warmup + cosine schedule, shared by every backend."""
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-    o = cfg.optimizer
-    opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    sched = get_cosine_with_min_lr_schedule_with_warmup(
-        opt, num_warmup_steps=int(o.warmup_ratio * total_steps), num_training_steps=total_steps,
-        min_lr_rate=o.min_lr_ratio)
-    return opt, sched
+    """The worker-side backend of this run (called once per rank, in the worker)."""
+    return backend_for(cfg).runtime(cfg)

@@ -4,8 +4,11 @@
 Accelerate turns the config file into ``FSDP_*`` environment variables and a :class:`FullyShardedDataParallelPlugin`;
 its ``fsdp2_prepare_model`` wraps the decoder layers and, with ``fsdp_cpu_ram_efficient_loading``, lets rank 0
 alone read the weights (the other ranks build the model on the meta device) and broadcast each shard. The optimizer
-is created afterwards on the sharded parameters, and checkpoints are torch.distributed.checkpoint (DCP) directories
-(layout in launcher/checkpoint.py).
+is created afterwards on the sharded parameters.
+
+Checkpoints are torch.distributed.checkpoint (DCP) directories, sharded by rank, keyed by the parameter names of
+the unwrapped (PEFT) model, float32: ``model/`` and ``optimizer/`` (``.metadata`` + ``__R_0.distcp``; for LoRA only
+the trained parameters) and ``scheduler.pt``. :class:`DcpReader` reads ``model/`` for the merge, in one process.
 
 On a machine without GPUs Accelerate forms a gloo process group but does not enable FSDP (it would train with each
 rank holding the whole model); torch FSDP2 itself works with gloo on CPU, so the plugin is installed by hand there.
@@ -15,21 +18,33 @@ rank holding the whole model); torch FSDP2 itself works with gloo on CPU, so the
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from accelerate import Accelerator, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, fsdp2_apply_ac, fsdp2_prepare_model
+from omegaconf import OmegaConf
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
 
-from launcher.backends import (MakeModel, ProcessGroupMixin, clip_and_step, collective_timeout, make_optimizer,
-                               trainable)
-from launcher.config import Config, ConfigError
+from launcher.backends.base import (BackendKind, MakeModel, ProcessGroupMixin, Reader, cli, clip_and_step,
+                                    collective_timeout, config_file_problems, damaged, make_optimizer, trainable)
+from launcher.checkpoint import CheckpointError
+from launcher.config import Config, ConfigError, resolve_path
 from launcher.model import compute_dtype
+from launcher.planner import MemoryPlan, ModelShape
 
 
 def check_accelerate_config(path: Path) -> None:
     """Refuse an Accelerate config this backend would not honour (the launcher calls this before any worker)."""
-    from omegaconf import OmegaConf
-
     try:
         acc = OmegaConf.to_container(OmegaConf.load(path))
     except Exception as err:  # YAML syntax errors name the line themselves
@@ -51,10 +66,6 @@ def check_accelerate_config(path: Path) -> None:
 
 class FSDPBackend(ProcessGroupMixin):
     def __init__(self, cfg: Config):
-        from accelerate import Accelerator, FullyShardedDataParallelPlugin
-        from accelerate.utils import DistributedType, InitProcessGroupKwargs
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
             raise RuntimeError("backend=fsdp workers must be started by `accelerate launch` with an FSDP config "
                                "file; `python -m launcher backend=fsdp` does that.")
@@ -80,9 +91,6 @@ class FSDPBackend(ProcessGroupMixin):
         self.rank, self.world_size, self.device = self.acc.process_index, self.acc.num_processes, self.acc.device
 
     def build(self, make_model: MakeModel, total_steps: int) -> torch.nn.Module:
-        from accelerate.utils import fsdp2_apply_ac, fsdp2_prepare_model
-        from torch.distributed.tensor import DTensor
-
         # float32 masters; with cpu_ram_efficient_loading only rank 0 reads the weights.
         empty = bool(self.plugin.cpu_ram_efficient_loading) and self.rank != 0
         model = make_model(torch.float32, empty)
@@ -113,17 +121,12 @@ class FSDPBackend(ProcessGroupMixin):
         params = list(self.model.parameters())
         return sum(p.to_local().numel() for p in params), sum(p.numel() for p in params)
 
-    def _options(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
+    def _options(self) -> StateDictOptions:
         # LoRA: the frozen base is on disk already (model.name_or_path); save and restore the adapters only.
         lora = self.cfg.finetune.method != "full"
         return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
 
     def save(self, directory: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
         opts = self._options()
         dcp.save(get_model_state_dict(self.model, options=opts), checkpoint_id=str(directory / "model"))
         dcp.save(get_optimizer_state_dict(self.model, self.opt, options=opts),
@@ -132,10 +135,6 @@ class FSDPBackend(ProcessGroupMixin):
             torch.save(self.sched.state_dict(), directory / "scheduler.pt")
 
     def load(self, directory: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
-
         opts = self._options()
         model_sd = get_model_state_dict(self.model, options=opts)
         dcp.load(model_sd, checkpoint_id=str(directory / "model"))
@@ -145,3 +144,104 @@ class FSDPBackend(ProcessGroupMixin):
         dcp.load(optim_sd, checkpoint_id=str(directory / "optimizer"))
         set_optimizer_state_dict(self.model, self.opt, optim_sd, options=opts)
         self.sched.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+
+
+class DcpReader:
+    """A torch.distributed.checkpoint folder (``step-N/model``: ``.metadata`` + one ``.distcp`` per rank), read by
+    DCP's own loader without a process group, a batch of tensors at a time (``prefetch``)."""
+
+    kind = "FSDP2 torch.distributed.checkpoint"
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        if not (folder / ".metadata").is_file():
+            raise CheckpointError(f"{folder} has no .metadata file, so the sharded (FSDP) save did not finish; "
+                                  f"merge another checkpoint of this run.")
+        try:
+            md = FileSystemReader(str(folder)).read_metadata()
+        except Exception as err:
+            raise damaged(folder / ".metadata", err) from None
+        self._meta = {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+        need: dict[str, int] = {}
+        for info in (md.storage_data or {}).values():
+            need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+        missing = sorted(p for p in need if not (folder / p).is_file())
+        if missing:
+            raise CheckpointError(f"{folder} lacks {', '.join(missing)} (one file per rank): a rank did not finish "
+                                  f"saving or a file was deleted; merge another checkpoint of this run.")
+        short = sorted(p for p, n in need.items() if (folder / p).stat().st_size < n)
+        if short:
+            raise CheckpointError(f"{folder / short[0]} is shorter than its index says: the file was cut short (disk "
+                                  f"full, or the job was killed while saving). Merge another checkpoint of this run.")
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def shapes(self) -> dict[str, torch.Size]:
+        return {k: torch.Size(v.size) for k, v in self._meta.items()}
+
+    def prefetch(self, names: list[str]) -> None:
+        want = {n: torch.empty(self._meta[n].size, dtype=self._meta[n].properties.dtype)
+                for n in names if n not in self._cache}
+        if want:
+            try:
+                with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                    warnings.simplefilter("ignore", UserWarning)
+                    dcp.load(want, storage_reader=FileSystemReader(str(self.folder)), no_dist=True)
+            except Exception as err:
+                raise damaged(self.folder, err) from None
+            self._cache.update(want)
+
+    def get(self, name: str) -> torch.Tensor:
+        self.prefetch([name])
+        return self._cache.pop(name)
+
+    def release(self) -> None:
+        self._cache.clear()
+
+
+class FSDP(BackendKind):
+    name = "fsdp"
+    layout = "model/ for FSDP"
+
+    def runtime(self, cfg: Config) -> FSDPBackend:
+        return FSDPBackend(cfg)
+
+    def worker_command(self, cfg: Config, nproc: int) -> list[str]:
+        lc = cfg.launcher
+        bf16 = compute_dtype(cfg.model) == torch.bfloat16
+        # Everything that differs per run goes on the command line; the shipped file holds the FSDP2 settings.
+        return [cli("accelerate"), "launch", "--config_file", str(resolve_path(cfg.backend.accelerate_config)),
+                "--num_processes", str(nproc * lc.nnodes), "--num_machines", str(lc.nnodes),
+                "--machine_rank", str(lc.node_rank), "--main_process_ip", lc.master_addr,
+                "--main_process_port", str(lc.master_port), "--mixed_precision", "bf16" if bf16 else "no",
+                "--max_restarts", "0", "--module", "launcher.train", cfg.run_dir]
+
+    def worker_env(self, cfg: Config, nproc: int) -> dict[str, str]:
+        env = super().worker_env(cfg, nproc)
+        # Accelerate would quietly turn FSDP into DDP with this set; the FSDP backend works on CPU without it.
+        env.pop("ACCELERATE_USE_CPU", None)
+        return env
+
+    def config_problems(self, cfg: Config) -> list[str]:
+        return super().config_problems(cfg) + config_file_problems(
+            "accelerate_config", cfg.backend.accelerate_config, "an Accelerate config file, e.g. backend=fsdp",
+            "accelerate_configs/fsdp2.yaml")
+
+    def check_config(self, cfg: Config, world_size: int) -> None:
+        check_accelerate_config(resolve_path(cfg.backend.accelerate_config))
+
+    def memory_plan(self, cfg: Config, shape: ModelShape, b: int, cuda: bool, plan: MemoryPlan) -> MemoryPlan:
+        psi, phi, W = shape.params, shape.trainable, plan.world_size
+        # float32 shards; while a layer computes, it and the prefetched next one are gathered in the compute dtype,
+        # and the root unit (embeddings, head, final norm) stays gathered through forward and backward.
+        gathered = b * (2 * shape.largest_layer + psi - shape.layer_params)
+        return replace(plan, strategy=f"FSDP2 full shard × {W}", parameters=4 * psi / W + gathered,
+                       gradients=4 * phi / W, optimizer=8 * phi / W, step_temp=4 * phi / W)
+
+    def holds(self, ckpt: Path) -> bool:
+        return (ckpt / "model").is_dir()
+
+    def read_checkpoint(self, ckpt: Path) -> Reader:
+        return DcpReader(ckpt / "model")
+
+
+BACKEND = FSDP()

@@ -1,15 +1,22 @@
-"""One process, plain PyTorch: the reference every distributed backend must agree with."""
+"""One process, plain PyTorch, run inside the launcher process: the reference every distributed backend must
+agree with. Checkpoints are one ``state.pt``: {"model": state dict (trained parameters only for LoRA),
+"optimizer", "scheduler"}."""
 
 from __future__ import annotations
 
+import sys
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from launcher.backends import MakeModel, clip_and_step, make_optimizer, trainable
+from launcher.backends.base import (BackendKind, MakeModel, Reader, clip_and_step, load_pt, make_optimizer,
+                                    trainable)
+from launcher.checkpoint import CheckpointError
 from launcher.config import Config
 from launcher.model import compute_dtype
+from launcher.planner import MemoryPlan, ModelShape
 
 
 class SingleBackend:
@@ -71,3 +78,72 @@ class SingleBackend:
 
     def close(self) -> None:
         pass
+
+
+class SingleReader:
+    """``state.pt`` with the module's state_dict under "model"."""
+
+    kind = "single-process state.pt"
+
+    def __init__(self, ckpt: Path):
+        self.path = ckpt / "state.pt"
+        self._sd: dict[str, torch.Tensor] | None = None
+        self._shapes = {k: v.shape for k, v in self._open().items()}
+
+    def _open(self) -> dict[str, torch.Tensor]:
+        if self._sd is None:
+            state = load_pt(self.path, weights_only=True)
+            if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+                raise CheckpointError(f"{self.path} has no 'model' state: it was not written by this project's "
+                                      f"single backend, or it is damaged. Merge another checkpoint of this run.")
+            self._sd = state["model"]
+        return self._sd
+
+    def shapes(self) -> dict[str, torch.Size]:
+        return dict(self._shapes)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._open()[name]
+
+    def release(self) -> None:
+        self._sd = None
+
+
+class Single(BackendKind):
+    name = "single"
+    in_process = True
+    supports_qlora = True
+    layout = "state.pt for backend=single"
+
+    def runtime(self, cfg: Config) -> SingleBackend:
+        return SingleBackend(cfg)
+
+    def workers_per_node(self, cfg: Config) -> int:
+        return 1
+
+    def world_size(self, cfg: Config, nproc_per_node: int) -> int:
+        return 1
+
+    def worker_command(self, cfg: Config, nproc: int) -> list[str]:
+        # What `python -m launcher` runs in its own process (printed by dry_run=true, usable by hand).
+        return [sys.executable, "-m", "launcher.train", cfg.run_dir]
+
+    def memory_plan(self, cfg: Config, shape: ModelShape, b: int, cuda: bool, plan: MemoryPlan) -> MemoryPlan:
+        phi = shape.trainable
+        cache = 2 * shape.trainable_matmul if b < 4 else 0  # autocast's bf16 copies of the trainable weights
+        params = 4 * shape.params + cache
+        notes = []
+        if cfg.finetune.method == "qlora":  # the frozen body in NF4 with double quantisation: ~0.53 byte per weight
+            params -= (4 - 0.53) * shape.frozen_body_matmul
+            notes.append("QLoRA: frozen linear weights counted at 4 bits")
+        return replace(plan, strategy="single process", parameters=params, gradients=4 * phi, optimizer=8 * phi,
+                       step_temp=4 * phi, notes=notes)
+
+    def holds(self, ckpt: Path) -> bool:
+        return (ckpt / "state.pt").is_file()
+
+    def read_checkpoint(self, ckpt: Path) -> Reader:
+        return SingleReader(ckpt)
+
+
+BACKEND = Single()
