@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from launcher.packing import collate, data_parallel, load_plan, plan_path, varlen_attention
+from launcher.packing import collate, load_plan, plan_path, varlen_attention
+from launcher.sequence import data_parallel
 from launcher.templates import IGNORE_INDEX
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]

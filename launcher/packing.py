@@ -467,12 +467,6 @@ def isolation_leak(model: torch.nn.Module, vocab_size: int, device: torch.device
     return float((logits[0, b_here] - logits[1, b_here]).abs().max() / scale)
 
 
-def data_parallel(rank: int, world: int, sequence: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((data-parallel rank, data-parallel world), (slice, slices)) of a rank when every row is split over
-    ``sequence`` consecutive ranks (DeepSpeed's sequence-parallel groups are ranks kN..kN+N-1)."""
-    return (rank // sequence, world // sequence), (rank % sequence, sequence)
-
-
 class RowLoader:
     """Deterministic micro-batches for one rank: rows shuffled per epoch from the seed, split evenly.
 

@@ -25,6 +25,12 @@ import torch
 from launcher.config import Config, ConfigError
 
 
+def data_parallel(rank: int, world: int, sequence: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((data-parallel rank, data-parallel world), (slice, slices)) of a rank when every row is split over
+    ``sequence`` consecutive ranks (DeepSpeed's sequence-parallel groups are ranks kN..kN+N-1)."""
+    return (rank // sequence, world // sequence), (rank % sequence, sequence)
+
+
 def check(cfg: Config, world: int) -> None:
     """Refuse, before any worker starts, a sequence degree this world or model cannot run (the backend and the
     attention are checked with the rest of the config in ``launcher.config.validate``)."""

@@ -29,8 +29,9 @@ from launcher.evaluate import Evaluator, LossFn
 from launcher.loss import loss_chunks, token_loss_sum
 from launcher.metrics import MetricsLogger
 from launcher.model import apply_finetune, load_model, load_tokenizer
-from launcher.packing import (ISOLATING_ATTENTION, LEAK_TOLERANCE, RowLoader, RowPlan, data_parallel, isolation_leak,
-                              load_plan, plan_path, varlen_attention)
+from launcher.packing import (ISOLATING_ATTENTION, LEAK_TOLERANCE, RowLoader, RowPlan, isolation_leak, load_plan,
+                              plan_path, varlen_attention)
+from launcher.sequence import data_parallel
 from launcher.preflight import check_ranks
 from launcher.templates import IGNORE_INDEX
 

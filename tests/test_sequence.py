@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from launcher.config import ConfigError, validate
-from launcher.packing import collate, data_parallel
-from launcher.sequence import check, packed_sdpa
+from launcher.packing import collate
+from launcher.sequence import check, data_parallel, packed_sdpa
 from launcher.templates import IGNORE_INDEX
 from tests.conftest import run_launcher
 from tests.test_configs import _compose
