@@ -86,7 +86,9 @@ def test_loss_curve_matches_one_process(tmp_path_factory, backend: str, finetune
     assert run.summary["world_size"] == 2 and len(run.losses) == len(ref.losses) == STEPS
     assert ref.losses[-1] < ref.losses[0] - 0.5, ref.losses  # it learns, so agreeing means something
     worst = max(abs(a - b) for a, b in zip(run.losses, ref.losses))
-    assert worst < (1e-5 if "sp" in backend else 1e-4), list(zip(run.losses, ref.losses))
+    assert worst < 1e-4, list(zip(run.losses, ref.losses))
+    if "sp" in backend:  # rows split over ranks: every step within 1e-5 relative (measured: <= 3e-6)
+        assert max(abs(a - b) / abs(b) for a, b in zip(run.losses, ref.losses)) < 1e-5
     # Both checkpoints kept (save_steps=6, limit 2), complete, and consolidating to the same weights.
     ckpts = sorted(p.name for p in (run.dir / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert ckpts == ["step-12", "step-6"]
