@@ -110,30 +110,25 @@ import json, sys, time
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 from bench.bench_packing import long_tailed
+import torch
+from launcher.metrics.memory import MIB, host_rss, reset_peak_memory
 from launcher.packing import pack_lengths
 n, cutoff, shape = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 lengths = long_tailed(n, cutoff, seed=1) if shape == "long-tailed" else np.random.default_rng(1).integers(73, 290, n)
-def kib(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1])
-before = kib("VmRSS:")
-try:
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-except OSError:
-    pass
+before = host_rss()[0]
+reset_peak_memory(torch.device("cpu"))  # the peak (VmHWM) restarts from the current RSS
 times = []
 for i in range(3):  # the best of three times (the machine is shared); memory from the first run
     t0 = time.perf_counter()
     plan = pack_lengths(lengths, cutoff)
     times.append(time.perf_counter() - t0)
     if i == 0:
-        peak = kib("VmHWM:")
+        peak = host_rss()[1]
         efficiency = plan.stats.efficiency
     del plan
 dt = min(times)
 print(json.dumps({"records": n, "cutoff": cutoff, "shape": shape, "seconds": round(dt, 3), "efficiency": efficiency,
-                  "rss_before_mib": round(before / 1024, 1), "peak_extra_mib": round((peak - before) / 1024, 1)}))
+                  "rss_before_mib": round(before / MIB, 1), "peak_extra_mib": round((peak - before) / MIB, 1)}))
 """
 
 

@@ -168,11 +168,12 @@ def scale_child(data: Path, cache: Path, num_proc: int, result: Path) -> None:
     import datasets
 
     from launcher.data import prepare
+    from launcher.metrics.memory import lifetime_peak_rss
     from launcher.packing import load_plan, plan_path
 
     datasets.disable_progress_bars()
     template, tokenizer, tok_dir = load_template_and_tokenizer()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_before = lifetime_peak_rss()
     t0 = time.perf_counter()
     out, stats, hit = prepare(dataset_config(data, cache, num_proc), template, tokenizer, tok_dir, 0)
     seconds = time.perf_counter() - t0
@@ -184,7 +185,7 @@ def scale_child(data: Path, cache: Path, num_proc: int, result: Path) -> None:
         "rows": pack.rows, "efficiency": pack.efficiency, "pack_seconds": pack.seconds,
         # ru_maxrss (KiB on Linux) counts every resident page, memory-mapped Arrow pages included. SELF is this
         # process; CHILDREN the largest of its reaped descendants (the datasets.map workers).
-        "maxrss_before": rss_before, "maxrss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "maxrss_before": rss_before, "maxrss_self": lifetime_peak_rss(),
         "maxrss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
         "prepared_bytes": disk_usage(out), "arrow_bytes": disk_usage(out / "train")}))
 

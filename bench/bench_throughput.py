@@ -42,14 +42,16 @@ def worker(run_dir: Path, base_data: str, base_mbs: int, rounds: int, block: int
     from launcher.config import load_run_config
     from launcher.model import apply_finetune, load_model, load_tokenizer
     from launcher.packing import RowLoader, load_plan, plan_path
+    from launcher.runspec import load_run_spec
     from launcher.train import forward_backward, micro_batches
 
-    cfg = load_run_config(run_dir)
+    cfg, spec = load_run_config(run_dir), load_run_spec(run_dir)
     torch.manual_seed(cfg.train.seed)
     backend = make_backend(cfg)
     pad = load_tokenizer(cfg.model).pad_token_id
     streams = {}
-    for name, data, mbs in (("packed", cfg.data_path, cfg.train.micro_batch_size), ("unpacked", base_data, base_mbs)):
+    for name, data, mbs in (("packed", spec.data_path, cfg.train.micro_batch_size),
+                            ("unpacked", base_data, base_mbs)):
         ds = datasets.load_from_disk(str(Path(data) / "train"))
         loader = RowLoader(ds, load_plan(plan_path(data)), mbs, backend.rank, backend.world_size, cfg.train.seed, pad)
         streams[name] = micro_batches(loader)
@@ -106,6 +108,7 @@ def main() -> None:
     from launcher.model import load_tokenizer, materialize
     from launcher.packing import load_plan, plan_path
     from launcher.preflight import free_port
+    from launcher.runspec import RunSpec
 
     register_configs()
     overrides = ["backend=deepspeed_zero3", f"dataset.cutoff_len={args.cutoff}", f"train.micro_batch_size={args.mbs}",
@@ -124,8 +127,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
-        cfg.data_path, cfg.run_dir = str(packed_data), str(run_dir)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        RunSpec(run_dir=str(run_dir), nproc_per_node=args.nproc, world_size=args.nproc,
+                data_path=str(packed_data)).write()
         ds_cli = Path(sys.executable).parent / "deepspeed"
         cmd = [str(ds_cli), "--num_gpus", str(args.nproc), "--master_port", str(free_port()), "--no_local_rank",
                "--log_level", "warning", __file__, "--worker", str(run_dir), str(base_data), str(base_mbs),

@@ -1,7 +1,8 @@
 """``python -m launcher [overrides]``: compose and validate the config, prepare the data, spawn the workers.
 
 The launcher does everything that can fail on user input (config, model path, data) before any worker starts,
-then writes the resolved config into the run directory; workers read only that file.
+then writes into the run directory the config as the user composed it (``config.yaml``) and what it decided while
+starting (``run.json``, :mod:`launcher.runspec`: data paths, world, rendezvous); workers read only those files.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from launcher.backends import backend_for
 from launcher.config import Config, ConfigError, register_configs, to_object, validate
+from launcher.runspec import RunSpec
 
 register_configs()
 
@@ -40,15 +42,16 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
-    """Everything before the workers: model files, data, the resolved config (checked against an earlier run's
-    when resuming in the same run directory)."""
+def prepare_run(cfg: Config, spec: RunSpec) -> None:
+    """Everything before the workers: model files, data, then config.yaml (checked against an earlier run's when
+    resuming in the same run directory) and run.json."""
     from launcher.checkpoint import resume_checkpoint
     from launcher.data import prepare
     from launcher.model import load_tokenizer, materialize
     from launcher.packing import load_plan, plan_path
     from launcher.config import resolve_path
 
+    run_dir, world_size = Path(spec.run_dir), spec.world_size
     check_resumable(cfg, run_dir)
     ckpt = resume_checkpoint(cfg, run_dir, world_size)
     backend_for(cfg).check_config(cfg, world_size)
@@ -72,6 +75,7 @@ def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
 
     say(f"data report (statistics, samples with trained tokens marked): "
         f"{write_report(run_dir, data_path, stats, tokenizer, cfg.dataset.cutoff_len)}")
+    eval_path = None
     if cfg.eval.datasets:  # a validation dataset: prepared like training data, its "train" split is the eval set
         from dataclasses import replace
 
@@ -80,10 +84,8 @@ def prepare_run(cfg: Config, run_dir: Path, world_size: int) -> None:
             eval_path, estats, _ = prepare(eval_cfg, cfg.template, tokenizer, tok_dir, cfg.train.seed)
         say(f"eval data: {estats.used} records of {', '.join(cfg.eval.datasets)}, {estats.tokens:,} tokens "
             f"({estats.supervised_tokens:,} supervised): {eval_path}")
-        cfg.eval_data_path = str(eval_path)
-    cfg.data_path = str(data_path)
-    cfg.run_dir = str(run_dir)
     write_run_config(cfg, run_dir)
+    spec.with_data(data_path, eval_path).write()
     if ckpt is not None:
         say(f"resuming from {ckpt}")
 
@@ -114,7 +116,8 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
 
 
 def write_run_config(cfg: Config, run_dir: Path) -> None:
-    """Write the resolved config the workers read (atomically: a resumed run replaces the earlier one's)."""
+    """Write the composed config as the user wrote it, for the workers and for later resumes (atomically: a
+    resumed run replaces the earlier one's)."""
     path = run_dir / "config.yaml"
     tmp = path.with_suffix(".yaml.tmp")
     tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -271,33 +274,33 @@ def run(dcfg: DictConfig) -> int:
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     backend = backend_for(cfg)
     nproc = backend.workers_per_node(cfg)
-    if cfg.launcher.master_port is None:
-        from launcher.preflight import free_port
+    lc = cfg.launcher
+    from launcher.preflight import free_port
 
-        cfg.launcher.master_port = free_port()
-    cfg.launcher.nproc_per_node = nproc  # workers check they formed a world of this size × nnodes
+    # Where this run happens (workers and rendezvous) goes into the run spec; the config stays as composed.
+    spec = RunSpec(run_dir=str(run_dir), nproc_per_node=nproc, nnodes=lc.nnodes,
+                   world_size=backend.world_size(cfg, nproc), master_addr=lc.master_addr,
+                   master_port=free_port() if lc.master_port is None else lc.master_port)
     if cfg.parallel.sequence > 1:
         from launcher.sequence import check as check_sequence
 
-        check_sequence(cfg, nproc * cfg.launcher.nnodes)
+        check_sequence(cfg, spec.world_size)
     memory_plan = None
     if cfg.planner.enabled:  # before anything is prepared: a job that cannot fit stops here
         from launcher.planner import check_memory
 
         memory_plan = check_memory(cfg, nproc, say, refuse=not cfg.dry_run)
     if cfg.dry_run:
-        cfg.run_dir = str(run_dir)
-        print(shlex.join(backend.worker_command(cfg, nproc)))
+        print(shlex.join(backend.worker_command(cfg, spec)))
         return 0
     quiet_libraries()
     from launcher.preflight import prepare_once
 
     # Multi-node: the nodes meet and check each other first, then node 0 alone prepares the shared run directory.
-    nodes = prepare_once(cfg, nproc, run_dir,  # noqa: F841 (kept alive)
-                         lambda: prepare_run(cfg, run_dir, nproc * cfg.launcher.nnodes))
+    nodes = prepare_once(cfg, nproc, run_dir, lambda: prepare_run(cfg, spec))  # noqa: F841 (kept alive)
     if memory_plan is not None and cfg.launcher.node_rank == 0:
         (run_dir / "memory_plan.json").write_text(json.dumps(memory_plan, indent=1))
-    cmd = backend.worker_command(cfg, nproc)
+    cmd = backend.worker_command(cfg, spec)
     say(f"starting {nproc} worker(s) per node × {cfg.launcher.nnodes} node(s): {shlex.join(cmd)}")
     if backend.in_process:
         from launcher.train import run as train_run
@@ -306,7 +309,7 @@ def run(dcfg: DictConfig) -> int:
         train_run(run_dir)
     else:
         rc, stop = spawn(cmd, backend.worker_env(cfg, nproc))
-        backend.after_workers(cfg)
+        backend.after_workers(cfg, spec)
     # (an earlier attempt's summary was removed when this one started)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     if summary.get("stopped") or (rc != 0 and stop is not None):

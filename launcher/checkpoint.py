@@ -126,19 +126,20 @@ def resume_checkpoint(cfg: Config, run_dir: Path, world_size: int) -> Path | Non
     return ckpt
 
 
-# Config values a resumed run may change: where/how it runs and how long, not what or how it learns.
+# User settings a resumed run may change: where/how it runs and how long, not what or how it learns.
 _MAY_CHANGE = ("launcher.", "merge.", "train.max_steps", "train.epochs", "train.save_steps",
                "train.save_total_limit", "train.log_every", "resume", "dry_run", "output_dir", "name",
                "dataset.num_proc", "dataset.cache_dir", "backend.timeout_minutes",
-               "logger.", "planner.", "eval.", "eval_data_path")  # monitoring never changes the training math
+               "logger.", "planner.", "eval.")  # monitoring never changes the training math
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(changes that break an exact continuation, harmless changes) between two resolved configs, as
-    ``key: old -> new`` lines. Keys only one side has (a field added by a newer version) are harmless."""
+    """(changes that break an exact continuation, harmless changes) between two user configs as composed, as
+    ``key: old -> new`` lines. Keys only one side has (a field added by a newer version) are harmless. What the
+    launcher decides at each start (run directory, data paths, ports) is in the run spec, not compared here."""
     a, b = flatten(old), flatten(new)
     breaking, harmless = [], []
-    for key in sorted(set(a) & set(b) - {"run_dir", "data_path"}):  # filled in by the launcher
+    for key in sorted(set(a) & set(b)):
         if a[key] != b[key]:
             line = f"{key}: {a[key]!r} -> {b[key]!r}"
             (harmless if any(key == m or (m.endswith(".") and key.startswith(m)) for m in _MAY_CHANGE)

@@ -170,7 +170,8 @@ class TrainerConfig:
 
 @dataclass
 class LauncherConfig:
-    """Where the workers run. Multi-node values are filled by slurm/train.sh."""
+    """Where the workers run, as asked for. Multi-node values are filled by slurm/train.sh; what the launcher
+    picks where a value is None (the worker count, a free port) goes into run.json (launcher/runspec.py)."""
 
     nproc_per_node: Optional[int] = None  # None: one per GPU, or 2 on a CPU-only machine
     nnodes: int = 1
@@ -235,7 +236,7 @@ class LoggerConfig:
     progress: str = "auto"
     # Seconds between plain progress lines during data preparation (lines mode only).
     progress_every_s: float = 30.0
-    # Peak dense bf16 FLOP/s of one device, for MFU; None: looked up from the GPU's name (launcher/metrics.py).
+    # Peak dense bf16 FLOP/s of one device, for MFU; None: looked up from the GPU's name (launcher/metrics/flops.py).
     peak_flops: Optional[float] = None
     plot: bool = True  # write loss.png (train and eval loss) into the run directory at the end
 
@@ -292,10 +293,6 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     name: str = "default"
     output_dir: str = "outputs"
-    # Filled by the launcher: the run directory and the prepared data the workers read.
-    run_dir: str = ""
-    data_path: str = ""
-    eval_data_path: str = ""  # prepared validation data (eval.datasets); empty: <data_path>/eval if any
     dry_run: bool = False
     # "auto": continue from the newest complete checkpoint in the run directory (pass hydra.run.dir=<run dir>),
     # "never": start from step 0, or the path of one checkpoints/step-N directory to continue from.
@@ -316,12 +313,20 @@ def to_object(cfg: DictConfig) -> Config:
     return obj
 
 
+# Run facts that config.yaml held before they moved to run.json (launcher/runspec.py); old run directories
+# still have them, and they are not settings.
+_RUN_FACTS = ("run_dir", "data_path", "eval_data_path")
+
+
 def load_run_config(run_dir: str | Path) -> Config:
-    """Read the resolved config the launcher wrote into a run directory (workers and merge use this)."""
+    """Read the config the launcher wrote into a run directory as composed (workers and merge use this)."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path} does not exist: pass a run directory written by `python -m launcher`.")
-    return to_object(OmegaConf.load(path))
+    cfg = OmegaConf.load(path)
+    for key in _RUN_FACTS:
+        cfg.pop(key, None)
+    return to_object(cfg)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

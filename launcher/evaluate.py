@@ -14,22 +14,23 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
+import datasets
 import torch
 
-from launcher.packing import collate, load_plan, plan_path, varlen_attention
+from launcher.packing import collate, count_tokens, load_plan, plan_path, varlen_attention
+from launcher.runspec import RunSpec
 from launcher.sequence import data_parallel
-from launcher.templates import IGNORE_INDEX
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
-def eval_source(cfg: Any) -> tuple[Path, str] | None:
+def eval_source(spec: RunSpec) -> tuple[Path, str] | None:
     """(prepared directory, split) of the eval data: a validation dataset if one was prepared, else the
     ``dataset.val_size`` hold-out; None when there is no eval data."""
-    if cfg.eval_data_path:
-        base, split = Path(cfg.eval_data_path), "train"
-    elif cfg.data_path:
-        base, split = Path(cfg.data_path), "eval"
+    if spec.eval_data_path:
+        base, split = Path(spec.eval_data_path), "train"
+    elif spec.data_path:
+        base, split = Path(spec.data_path), "eval"
     else:
         return None
     return (base, split) if plan_path(base, split).is_file() else None
@@ -40,8 +41,6 @@ class Evaluator:
 
     def __init__(self, base: Path, split: str, micro_batch_size: int, rank: int, world_size: int, pad_id: int,
                  flatten: bool = False, shard: tuple[int, int] = (0, 1)):
-        import datasets
-
         self.ds = datasets.load_from_disk(str(base / split))
         plan = load_plan(plan_path(base, split))
         rows = [plan.row(r).tolist() for r in range(len(plan))]
@@ -53,8 +52,8 @@ class Evaluator:
         self.n_rows = len(rows)
 
     @classmethod
-    def from_config(cls, cfg: Any, rank: int, world_size: int, pad_id: int) -> "Evaluator | None":
-        src = eval_source(cfg)
+    def from_config(cls, cfg: Any, spec: RunSpec, rank: int, world_size: int, pad_id: int) -> "Evaluator | None":
+        src = eval_source(spec)
         if src is None:
             return None
         (dp_rank, dp_world), shard = data_parallel(rank, world_size, cfg.parallel.sequence)
@@ -76,9 +75,9 @@ class Evaluator:
                 with autocast or nullcontext():
                     loss_sum = loss_fn(model, batch)
                 if real:
-                    totals += torch.stack([loss_sum.detach().double(),
-                                           (batch["labels"] != IGNORE_INDEX).sum().double(),
-                                           batch["num_tokens"].double()])
+                    counts = count_tokens(batch)
+                    totals += torch.tensor([float(loss_sum), counts.supervised, counts.tokens], dtype=torch.float64,
+                                           device=device)
         finally:
             model.train()
         loss_sum, sup, tok = all_reduce_sum(totals).tolist()

@@ -24,9 +24,10 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
 from launcher.templates import IGNORE_INDEX
@@ -318,8 +319,6 @@ def record_lengths(ds: Any, batch_size: int = 100_000) -> np.ndarray:
     """
     if "length" in ds.column_names:
         return ds.with_format("arrow")["length"].to_numpy().astype(np.int64)
-    import pyarrow.compute as pc
-
     ids = ds.select_columns(["input_ids"]).with_format("arrow")
     parts = [pc.list_value_length(b["input_ids"]).to_numpy() for b in ids.iter(batch_size=batch_size)]
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
@@ -416,6 +415,26 @@ def collate(records: Sequence[Sequence[dict[str, Sequence[int]]]], pad_id: int,
     return {"input_ids": torch.from_numpy(np.ascontiguousarray(out_ids)),
             "labels": torch.from_numpy(np.ascontiguousarray(out_labels)),
             "position_ids": torch.from_numpy(np.ascontiguousarray(out_pos)), "num_tokens": n_tokens}
+
+
+class TokenCounts(NamedTuple):
+    """What one collated micro-batch holds: the one definition training, evaluation and metrics count with.
+
+    ``tokens`` are the records' tokens (padding excluded), ``supervised`` those with a label, ``slots`` the
+    positions computed on (padding included: ``padding_fraction = 1 - tokens / slots``) and ``rows`` the packed
+    rows, which could hold ``rows × cutoff_len`` tokens (:attr:`PackStats.slots`; ``tokens`` over that is the
+    packing efficiency)."""
+
+    tokens: int
+    supervised: int
+    slots: int
+    rows: int
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> TokenCounts:
+    ids = batch["input_ids"]
+    return TokenCounts(int(batch["num_tokens"]), int((batch["labels"] != IGNORE_INDEX).sum()), ids.numel(),
+                       ids.shape[0])
 
 
 def packed_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -12,8 +12,8 @@ Every node runs one launcher (``launcher.nnodes`` > 1, e.g. via slurm/train.sh).
    overrides), too few GPUs, a run directory that is not the same shared folder. The verdict names the node.
 2. a timed all-reduce among the launchers over gloo: every pair of nodes connects, so a firewall or a wrong
    network interface between two nodes fails here, with the time it took when it works.
-3. node 0 prepares the data and writes ``config.yaml`` (once, into the shared run directory) while the other
-   nodes wait for it, then every node starts its local workers.
+3. node 0 prepares the data and writes ``config.yaml`` and ``run.json`` (once, into the shared run directory)
+   while the other nodes wait for it, then every node starts its local workers.
 
 Inside the workers, :func:`check_ranks` repeats the all-reduce with the real backend (NCCL on GPUs) and prints
 which rank runs on which node, so "rank 5 failed first" can be read as a node name. Every collective after that
@@ -33,12 +33,13 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-if TYPE_CHECKING:
-    import torch.distributed
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
 
-    from launcher.config import Config
+from launcher.config import Config, flatten
 
 # Keys that legitimately differ between the nodes of one run.
 _PER_NODE_KEYS = ("launcher.node_rank",)
@@ -100,7 +101,7 @@ class NodeInfo:
 class NodeGroup:
     """The launchers of one multi-node run, met at node 0's TCPStore. Create with :meth:`join`."""
 
-    def __init__(self, store: "torch.distributed.TCPStore", rank: int, nnodes: int, names: list[str],
+    def __init__(self, store: dist.TCPStore, rank: int, nnodes: int, names: list[str],
                  timeout: float):
         self.store, self.rank, self.nnodes, self.timeout = store, rank, nnodes, timeout
         self.names = names if len(names) == nnodes else []
@@ -110,15 +111,9 @@ class NodeGroup:
 
     # ------------------------------------------------------------------------------------------- check in
     @classmethod
-    def join(cls, cfg: "Config", nproc: int, run_dir: Path) -> "NodeGroup":
+    def join(cls, cfg: Config, nproc: int, run_dir: Path) -> "NodeGroup":
         """Meet the other nodes and check them (steps 1 and 2 above); raises PreflightError naming the node at
         fault. Returns once every node is known to be fine."""
-        import torch
-        import torch.distributed as dist
-        from omegaconf import OmegaConf
-
-        from launcher.config import flatten
-
         lc = cfg.launcher
         rank, n, timeout = lc.node_rank, lc.nnodes, float(lc.preflight_timeout)
         names = slurm_node_names()
@@ -140,6 +135,7 @@ class NodeGroup:
         group = cls(store, rank, n, names, timeout)
 
         resolved = flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
+        resolved["launcher.nproc_per_node"] = nproc  # what None resolved to on this node must agree too
         for key in _PER_NODE_KEYS:
             resolved.pop(key, None)
         token = secrets.token_hex(8)
@@ -221,9 +217,6 @@ class NodeGroup:
 
     def _all_reduce(self, summary: str) -> None:
         """Every pair of launchers connects (gloo builds a full mesh) and sums a 16 MiB tensor, timed."""
-        import torch
-        import torch.distributed as dist
-
         numel = 4 << 20
         try:
             dist.init_process_group("gloo", store=dist.PrefixStore("allreduce", self.store), rank=self.rank,
@@ -254,7 +247,7 @@ class NodeGroup:
 
     # ----------------------------------------------------------------------------------- data preparation
     def prepared(self, error: str | None = None) -> None:
-        """Node 0: the run directory holds config.yaml and the data (or preparing failed with ``error``)."""
+        """Node 0: the run directory holds config.yaml, run.json and the data (or preparing failed with ``error``)."""
         if error:
             self._tell("prepared", error)
         else:
@@ -286,8 +279,9 @@ class NodeGroup:
                                  f"failed or was killed; its error is in the job log.") from None
 
 
-def prepare_once(cfg: "Config", nproc: int, run_dir: Path, prepare: Callable[[], None]) -> NodeGroup | None:
-    """Run ``prepare`` (data, config.yaml) on node 0 only; the other nodes wait for it, after the preflight.
+def prepare_once(cfg: Config, nproc: int, run_dir: Path, prepare: Callable[[], None]) -> NodeGroup | None:
+    """Run ``prepare`` (data, config.yaml, run.json) on node 0 only; the other nodes wait for it, after the
+    preflight.
 
     On one node this is just ``prepare()``. Returns the node group, which the caller keeps until its workers
     are done (node 0's launcher serves the store the others use).
@@ -306,8 +300,7 @@ def prepare_once(cfg: "Config", nproc: int, run_dir: Path, prepare: Callable[[],
             raise
         group.prepared()
     else:
-        group.wait_prepared()
-        cfg.run_dir = str(run_dir)  # what node 0's prepare() filled in; the workers read the rest from config.yaml
+        group.wait_prepared()  # node 0 wrote config.yaml and run.json; the workers read them from there
     return group
 
 
@@ -350,12 +343,9 @@ def _read_mark(path: Path, patience: float = 5.0) -> str | None:
             time.sleep(0.5)
 
 
-def check_ranks(rank: int, world_size: int, device: "torch.device") -> None:
+def check_ranks(rank: int, world_size: int, device: torch.device) -> None:
     """Worker side, right after the process group exists: a timed all-reduce with the real backend (NCCL on GPUs)
     and the map of ranks to nodes, printed by rank 0."""
-    import torch
-    import torch.distributed as dist
-
     names: list[Any] = [None] * world_size
     dist.all_gather_object(names, this_node())
     t = torch.ones(4 << 20, device=device)  # 16 MiB of float32

@@ -1,7 +1,7 @@
 """The worker: ``python -m launcher.train <run_dir>``, started once per rank by the backend's launcher.
 
-It reads the resolved config the launcher wrote (it never recomposes Hydra config), builds everything in a fixed
-order, then runs a short loop. The loss of an optimizer step is the sum of token losses over every micro-batch
+It reads the config and the run spec the launcher wrote (``config.yaml``, ``run.json``; it never recomposes Hydra
+config), builds everything in a fixed order, then runs a short loop. The loss of an optimizer step is the sum of token losses over every micro-batch
 on every rank, divided by the number of supervised tokens in that whole step, so packing, micro-batch size and
 world size do not change it.
 """
@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
+import datasets
 import torch
 
 from launcher.backends import backend_for, make_backend
@@ -27,18 +28,20 @@ from launcher.checkpoint import StopRequest, complete_checkpoints, resume, save_
 from launcher.config import Config, load_run_config
 from launcher.evaluate import Evaluator, LossFn
 from launcher.loss import loss_chunks, token_loss_sum
-from launcher.metrics import MetricsLogger
+from launcher.metrics import FlopCounter, MetricsLogger
+from launcher.metrics.memory import MIB, device_peak, host_rss, lifetime_peak_rss
 from launcher.model import apply_finetune, load_model, load_tokenizer
-from launcher.packing import (ISOLATING_ATTENTION, LEAK_TOLERANCE, RowLoader, RowPlan, isolation_leak, load_plan,
-                              plan_path, varlen_attention)
-from launcher.sequence import data_parallel
+from launcher.packing import (ISOLATING_ATTENTION, LEAK_TOLERANCE, RowLoader, RowPlan, count_tokens, isolation_leak,
+                              load_plan, plan_path, varlen_attention)
 from launcher.preflight import check_ranks
+from launcher.runspec import RunSpec, load_run_spec
+from launcher.sequence import data_parallel
 from launcher.templates import IGNORE_INDEX
 
 
-def load_rows(cfg: Config, split: str = "train") -> RowPlan:
+def load_rows(spec: RunSpec, split: str = "train") -> RowPlan:
     """The row plan the launcher wrote for ``split`` (which records make up each row)."""
-    return load_plan(plan_path(cfg.data_path, split))
+    return load_plan(plan_path(spec.data_path, split))
 
 
 def plan_steps(n_rows: int, cfg: Config, world_size: int) -> tuple[int, int]:
@@ -68,9 +71,9 @@ def forward_backward(model: torch.nn.Module, batches: list[dict[str, torch.Tenso
     Returns the step's loss and its token counts (summed over ranks).
     """
     autocast = autocast or nullcontext()
-    counts = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches),
-                           sum(int(b["num_tokens"]) for b in batches),
-                           sum(b["input_ids"].numel() for b in batches)], dtype=torch.float64, device=backend.device)
+    mine = [count_tokens(b) for b in batches]
+    counts = torch.tensor([sum(c.supervised for c in mine), sum(c.tokens for c in mine), sum(c.slots for c in mine)],
+                          dtype=torch.float64, device=backend.device)
     n_sup, n_tok, n_slots = backend.all_reduce_sum(counts).tolist()
     loss_total = torch.zeros((), dtype=torch.float64, device=backend.device)
     for b in batches:
@@ -109,16 +112,13 @@ def micro_batches(loader: RowLoader, start: int = 0) -> Iterator[dict[str, torch
         epoch, idx = epoch + 1, 0
 
 
-def build_loader(cfg: Config, backend: Backend) -> tuple[RowLoader, int]:
+def build_loader(cfg: Config, spec: RunSpec, backend: Backend, pad_id: int) -> tuple[RowLoader, int]:
     """This rank's micro-batches of the prepared data, and the number of optimizer steps to run."""
-    import datasets
-
-    ds = datasets.load_from_disk(str(Path(cfg.data_path) / "train"))
-    rows = load_rows(cfg)
+    ds = datasets.load_from_disk(str(Path(spec.data_path) / "train"))
+    rows = load_rows(spec)
     (dp_rank, dp_world), shard = data_parallel(backend.rank, backend.world_size, cfg.parallel.sequence)
     loader = RowLoader(ds, rows, cfg.train.micro_batch_size, dp_rank, dp_world, cfg.train.seed,
-                       load_tokenizer(cfg.model).pad_token_id, flatten=varlen_attention(cfg.model.attn_implementation),
-                       shard=shard)
+                       pad_id, flatten=varlen_attention(cfg.model.attn_implementation), shard=shard)
     return loader, plan_steps(len(rows), cfg, backend.world_size)[0]
 
 
@@ -129,11 +129,11 @@ def build_model(cfg: Config, dtype: torch.dtype, empty: bool) -> torch.nn.Module
     return apply_finetune(model, cfg.finetune)
 
 
-def check_world(cfg: Config, backend: Backend) -> None:
+def check_world(cfg: Config, spec: RunSpec, backend: Backend) -> None:
     """Fail loudly if the workers did not form the process group the launcher started (e.g. a library quietly
     running each process alone): they would all train on the same data and write the same files."""
     kind = backend_for(cfg)
-    expected = kind.world_size(cfg, cfg.launcher.nproc_per_node or 0)
+    expected = spec.world_size
     if expected and backend.world_size != expected:
         raise RuntimeError(f"the launcher started {expected} workers but this one sees a world of "
                            f"{backend.world_size}: backend {kind.name!r} did not form the process group.")
@@ -155,35 +155,36 @@ def train_step(model: torch.nn.Module, backend: Backend, batches: list[dict[str,
 
 
 def run(run_dir: str | Path) -> dict:
-    """Train as configured in ``run_dir/config.yaml``; returns the summary (rank 0 also writes summary.json).
+    """Train as configured in ``run_dir/config.yaml`` and ``run.json``; returns the summary (rank 0 also writes
+    summary.json).
 
     SIGTERM/SIGUSR1 stop after the current step with a checkpoint (the summary then says ``"stopped": true``).
     """
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    cfg, spec = load_run_config(run_dir), load_run_spec(run_dir)
     if cfg.dataset.packing and cfg.model.attn_implementation not in ISOLATING_ATTENTION:
         raise SystemExit(f"model.attn_implementation={cfg.model.attn_implementation!r} cannot keep packed records "
                          f"apart; use one of {', '.join(ISOLATING_ATTENTION)} or dataset.packing=false.")
     stop = StopRequest()
     torch.manual_seed(cfg.train.seed)
     backend = make_backend(cfg)
-    check_world(cfg, backend)
-    if cfg.launcher.nnodes > 1:  # which rank runs on which node, and a timed all-reduce with the real backend
+    check_world(cfg, spec, backend)
+    if spec.nnodes > 1:  # which rank runs on which node, and a timed all-reduce with the real backend
         check_ranks(backend.rank, backend.world_size, backend.device)
-    loader, total_steps = build_loader(cfg, backend)
-    rss_before_model = host_memory_mb()
-    pad_id = load_tokenizer(cfg.model).pad_token_id
-    metrics = MetricsLogger(cfg, run_dir, backend, total_steps, pad_id)  # its host baseline: before the model
-    evaluator = Evaluator.from_config(cfg, backend.rank, backend.world_size, pad_id)
+    tokenizer = load_tokenizer(cfg.model)
+    loader, total_steps = build_loader(cfg, spec, backend, tokenizer.pad_token_id)
+    evaluator = Evaluator.from_config(cfg, spec, backend.rank, backend.world_size, tokenizer.pad_token_id)
+    host_before_model = host_rss()[0]  # what the memory planner's estimate is checked against
     model = backend.build(partial(build_model, cfg), total_steps)
     model.train()
     if cfg.dataset.packing:
-        refuse_leaking_packing(model, cfg, len(load_tokenizer(cfg.model)), backend)
+        refuse_leaking_packing(model, cfg, len(tokenizer), backend)
     state = resume(backend, run_dir, cfg)
 
+    metrics = MetricsLogger(cfg, run_dir, backend, total_steps, tokenizer.pad_token_id, FlopCounter.from_model(model),
+                            host_before_model)
     train_loss = loss_function(cfg, cfg.train.micro_batch_size)
     eval_loss = loss_function(cfg, cfg.eval.micro_batch_size or cfg.train.micro_batch_size)
-    metrics.start(model)
     stream = micro_batches(loader, state.micro_batch)
     gas, every = cfg.train.grad_accum, cfg.train.save_steps
     stopped, ckpt, slots = False, None, 0.0
@@ -207,7 +208,7 @@ def run(run_dir: str | Path) -> dict:
     summary = metrics.summary(state.step, {
         "world_size": backend.world_size, "checkpoint": str(ckpt), "stopped": stopped,
         "packing": loader.rows.stats.as_dict(), "padding_fraction": round(1 - metrics.tokens / max(slots, 1.0), 6),
-        **resource_facts(backend, rss_before_model)})
+        **resource_facts(backend, host_before_model)})
     if backend.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     stop.close()
@@ -215,13 +216,13 @@ def run(run_dir: str | Path) -> dict:
     return summary
 
 
-def resource_facts(backend: Backend, rss_before_model: float) -> dict:
-    """What each rank holds: parameter elements and memory (shows what sharding really did)."""
+def resource_facts(backend: Backend, host_before_model: int) -> dict:
+    """What each rank holds: parameter elements and memory in MiB (shows what sharding really did)."""
     local, total = backend.param_counts()
     return {"params_per_rank": {"held": [int(x) for x in per_rank(backend, local)], "total": total},
-            "memory_mb_per_rank": {"before_model": per_rank(backend, rss_before_model),
-                                   "peak": per_rank(backend, host_memory_mb(peak=True)),
-                                   "device_peak": per_rank(backend, device_memory_mb(backend))}}
+            "memory_mb_per_rank": {"before_model": per_rank(backend, host_before_model / MIB),
+                                   "peak": per_rank(backend, lifetime_peak_rss() / MIB),
+                                   "device_peak": per_rank(backend, device_peak(backend.device) / MIB)}}
 
 
 def per_rank(backend: Backend, value: float) -> list[float]:
@@ -229,21 +230,6 @@ def per_rank(backend: Backend, value: float) -> list[float]:
     t = torch.zeros(backend.world_size, dtype=torch.float64, device=backend.device)
     t[backend.rank] = value
     return [round(x, 1) for x in backend.all_reduce_sum(t).tolist()]
-
-
-def host_memory_mb(peak: bool = False) -> float:
-    """Resident memory of this process now, or its peak so far (Linux reports ru_maxrss in KiB)."""
-    import resource
-
-    import psutil
-
-    if peak:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def device_memory_mb(backend: Backend) -> float:
-    return torch.cuda.max_memory_allocated() / 2**20 if backend.device.type == "cuda" else 0.0
 
 
 def main(argv: list[str] | None = None) -> None:

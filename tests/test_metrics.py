@@ -369,9 +369,9 @@ def test_validation_dataset_and_unreachable_wandb_do_not_stop_training(tmp_path:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (r.stdout + r.stderr).count("W&B is off for the rest of this run") == 1
     (run_dir,) = [p.parent for p in tmp_path.rglob("summary.json")]
-    from omegaconf import OmegaConf
+    from launcher.runspec import load_run_spec
 
-    eval_path = Path(OmegaConf.load(run_dir / "config.yaml").eval_data_path)
+    eval_path = Path(load_run_spec(run_dir).eval_data_path)
     stats = json.loads((eval_path / "stats.json").read_text())
     assert stats["used"] == 30
     evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]

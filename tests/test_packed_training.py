@@ -192,6 +192,7 @@ def test_two_rank_packed_step_equals_single_process_unpacked_step(tmp_path: Path
 
     from launcher.config import load_run_config
     from launcher.packing import RowLoader
+    from launcher.runspec import load_run_spec
     from launcher.train import load_rows
 
     r = run_launcher("backend=deepspeed_zero3", "launcher.nproc_per_node=2", "dataset.max_samples=60",
@@ -206,9 +207,9 @@ def test_two_rank_packed_step_equals_single_process_unpacked_step(tmp_path: Path
     assert "packing efficiency" in r.stderr and "of the token slots trained on were padding" in r.stderr
 
     # The records both ranks trained on in step 1, from the real plan and loader.
-    cfg = load_run_config(run_dir)
-    ds = datasets.load_from_disk(str(Path(cfg.data_path) / "train"))
-    plan = load_rows(cfg)
+    cfg, spec = load_run_config(run_dir), load_run_spec(run_dir)
+    ds = datasets.load_from_disk(str(Path(spec.data_path) / "train"))
+    plan = load_rows(spec)
     used = []
     for rank in (0, 1):
         loader = RowLoader(ds, plan, 2, rank, 2, cfg.train.seed, 0)

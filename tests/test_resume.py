@@ -143,6 +143,36 @@ def test_a_killed_rank_ends_the_job(tmp_path: Path, backend: str) -> None:
     assert not _alive(seen), _alive(seen)
 
 
+@pytest.mark.slow
+def test_the_run_keeps_the_config_as_composed_and_its_facts_in_run_json(tmp_path_factory) -> None:
+    """config.yaml is the composed config, untouched by the launcher; run dir, data and rendezvous are in run.json."""
+    from omegaconf import OmegaConf
+
+    from launcher.config import load_run_config, to_object
+    from launcher.runspec import load_run_spec
+    from tests.test_configs import _compose
+
+    ref = train(tmp_path_factory, "single", "full")
+    composed = to_object(_compose(*ref.overrides, "merge.after_train=false", f"hydra.run.dir={ref.dir}"))
+    assert load_run_config(ref.dir) == composed
+    written = OmegaConf.load(ref.dir / "config.yaml")
+    assert written.launcher.master_port is None and written.launcher.nproc_per_node is None
+    assert "run_dir" not in written and "data_path" not in written
+    spec = load_run_spec(ref.dir)
+    assert Path(spec.run_dir) == ref.dir.resolve() and spec.world_size == 1 and spec.master_port > 0
+    assert (Path(spec.data_path) / "train").is_dir() and spec.eval_data_path == ""
+
+
+def test_a_run_spec_round_trips(tmp_path: Path) -> None:
+    from launcher.runspec import RunSpec, load_run_spec
+
+    spec = RunSpec(run_dir=str(tmp_path), nproc_per_node=4, nnodes=2, world_size=8, master_addr="n1",
+                   master_port=29500)
+    spec.with_data(tmp_path / "data").write()
+    back = load_run_spec(tmp_path)
+    assert back == spec.with_data(tmp_path / "data") and back.world_size == 8
+
+
 def test_only_complete_checkpoints_count(tmp_path: Path) -> None:
     root = tmp_path / "checkpoints"
     for name, complete in [("step-5", True), ("step-10", True), ("step-15", False), (".tmp-step-20", True),

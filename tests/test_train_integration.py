@@ -33,9 +33,9 @@ def test_two_zero3_workers_train_and_checkpoint(tmp_path: Path) -> None:
     shards = list(ckpt.rglob("*optim_states.pt"))
     assert len(shards) == 2, "ZeRO-3 writes one optimizer shard per rank"
     # DeepSpeed's CPU all-reduce buffers (66 MiB of RAM per rank in /dev/shm) must not outlive the job.
-    from omegaconf import OmegaConf
+    from launcher.runspec import load_run_spec
 
-    port = OmegaConf.load(run_dir / "config.yaml").launcher.master_port
+    port = load_run_spec(run_dir).master_port
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 9))

@@ -13,7 +13,7 @@ import sys
 from contextlib import AbstractContextManager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -21,6 +21,9 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from launcher.checkpoint import CheckpointError
 from launcher.config import Config, resolve_path
 from launcher.planner import MemoryPlan, ModelShape
+
+if TYPE_CHECKING:
+    from launcher.runspec import RunSpec  # (imported for annotations only: launcher.config imports this package)
 
 # make_model(dtype, empty): the model with its fine-tuning method applied, master weights in ``dtype``; with
 # ``empty=True`` parameters stay on the meta device (a rank that receives its shard from rank 0).
@@ -183,8 +186,8 @@ class BackendKind:
     def world_size(self, cfg: Config, nproc_per_node: int) -> int:
         return nproc_per_node * max(cfg.launcher.nnodes, 1)
 
-    def worker_command(self, cfg: Config, nproc: int) -> list[str]:
-        """The exact command that starts this node's workers."""
+    def worker_command(self, cfg: Config, spec: RunSpec) -> list[str]:
+        """The exact command that starts this node's workers (``spec``: where, and the rendezvous)."""
         raise NotImplementedError
 
     def worker_env(self, cfg: Config, nproc: int) -> dict[str, str]:
@@ -195,7 +198,7 @@ class BackendKind:
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         return env
 
-    def after_workers(self, cfg: Config) -> None:
+    def after_workers(self, cfg: Config, spec: RunSpec) -> None:
         """Clean up what the workers' libraries leave behind once they have exited."""
 
     # ------------------------------------------------------------------ config

@@ -21,7 +21,7 @@ import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoConfig
@@ -32,6 +32,9 @@ from launcher.checkpoint import CheckpointError
 from launcher.config import Config, ConfigError, resolve_path
 from launcher.model import compute_dtype, model_dir
 from launcher.planner import MemoryPlan, ModelShape
+
+if TYPE_CHECKING:
+    from launcher.runspec import RunSpec
 
 DS_SHM_BUFFER = 66 * 2**20  # deepspeed/ops/csrc/cpu/comm/shm.cpp: 2 × 1 MiB + 2 × 32 MiB per rank
 
@@ -322,12 +325,12 @@ def ds_settings(cfg: Config) -> dict[str, Any]:
     }
 
 
-def hostfile(cfg: Config, nproc: int) -> Path:
+def hostfile(spec: RunSpec) -> Path:
     """The hostfile `deepspeed --no_ssh` insists on for more than one node (without one it refuses with "Num nodes
     is >1 but no extra nodes available via hostfile"). With --no_ssh it only counts nodes and slots: the names are
     never contacted (rendezvous is master_addr:master_port), so placeholders do. Every node writes the same file."""
-    path = Path(cfg.run_dir) / "deepspeed_hostfile"
-    text = "".join(f"node{i} slots={nproc}\n" for i in range(cfg.launcher.nnodes))
+    path = Path(spec.run_dir) / "deepspeed_hostfile"
+    text = "".join(f"node{i} slots={spec.nproc_per_node}\n" for i in range(spec.nnodes))
     if not path.is_file() or path.read_text() != text:
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_text(text)
@@ -343,15 +346,14 @@ class DeepSpeed(BackendKind):
     def runtime(self, cfg: Config) -> DeepSpeedBackend:
         return DeepSpeedBackend(cfg)
 
-    def worker_command(self, cfg: Config, nproc: int) -> list[str]:
-        lc = cfg.launcher
-        cmd = [cli("deepspeed"), "--num_gpus", str(nproc), "--master_addr", lc.master_addr, "--master_port",
-               str(lc.master_port), "--no_local_rank", "--log_level", "warning"]
-        if lc.nnodes > 1:
+    def worker_command(self, cfg: Config, spec: RunSpec) -> list[str]:
+        cmd = [cli("deepspeed"), "--num_gpus", str(spec.nproc_per_node), "--master_addr", spec.master_addr,
+               "--master_port", str(spec.master_port), "--no_local_rank", "--log_level", "warning"]
+        if spec.nnodes > 1:
             # Each node's launcher starts only its own workers: no ssh/pdsh between nodes.
-            cmd += ["--hostfile", str(hostfile(cfg, nproc)), "--no_ssh", "--num_nodes", str(lc.nnodes),
-                    "--node_rank", str(lc.node_rank)]
-        return cmd + ["--module", "launcher.train", cfg.run_dir]
+            cmd += ["--hostfile", str(hostfile(spec)), "--no_ssh", "--num_nodes", str(spec.nnodes),
+                    "--node_rank", str(cfg.launcher.node_rank)]
+        return cmd + ["--module", "launcher.train", spec.run_dir]
 
     def worker_env(self, cfg: Config, nproc: int) -> dict[str, str]:
         env = super().worker_env(cfg, nproc)
@@ -359,10 +361,10 @@ class DeepSpeed(BackendKind):
             env.setdefault("DS_ACCELERATOR", "cpu")  # say it, instead of DeepSpeed warning that it guessed
         return env
 
-    def after_workers(self, cfg: Config) -> None:
+    def after_workers(self, cfg: Config, spec: RunSpec) -> None:
         """Delete the shared-memory all-reduce buffers DeepSpeed's CPU backend leaves in /dev/shm (66 MiB per
         rank, held in RAM until deleted). They are named after the rendezvous address and port: only this job's go."""
-        addr, port = cfg.launcher.master_addr, cfg.launcher.master_port
+        addr, port = spec.master_addr, spec.master_port
         for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_*"):
             leftover.unlink(missing_ok=True)
 

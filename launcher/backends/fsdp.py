@@ -22,6 +22,7 @@ import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -41,6 +42,9 @@ from launcher.checkpoint import CheckpointError
 from launcher.config import Config, ConfigError, resolve_path
 from launcher.model import compute_dtype
 from launcher.planner import MemoryPlan, ModelShape
+
+if TYPE_CHECKING:
+    from launcher.runspec import RunSpec
 
 
 def check_accelerate_config(path: Path) -> None:
@@ -205,15 +209,14 @@ class FSDP(BackendKind):
     def runtime(self, cfg: Config) -> FSDPBackend:
         return FSDPBackend(cfg)
 
-    def worker_command(self, cfg: Config, nproc: int) -> list[str]:
-        lc = cfg.launcher
+    def worker_command(self, cfg: Config, spec: RunSpec) -> list[str]:
         bf16 = compute_dtype(cfg.model) == torch.bfloat16
         # Everything that differs per run goes on the command line; the shipped file holds the FSDP2 settings.
         return [cli("accelerate"), "launch", "--config_file", str(resolve_path(cfg.backend.accelerate_config)),
-                "--num_processes", str(nproc * lc.nnodes), "--num_machines", str(lc.nnodes),
-                "--machine_rank", str(lc.node_rank), "--main_process_ip", lc.master_addr,
-                "--main_process_port", str(lc.master_port), "--mixed_precision", "bf16" if bf16 else "no",
-                "--max_restarts", "0", "--module", "launcher.train", cfg.run_dir]
+                "--num_processes", str(spec.world_size), "--num_machines", str(spec.nnodes),
+                "--machine_rank", str(cfg.launcher.node_rank), "--main_process_ip", spec.master_addr,
+                "--main_process_port", str(spec.master_port), "--mixed_precision", "bf16" if bf16 else "no",
+                "--max_restarts", "0", "--module", "launcher.train", spec.run_dir]
 
     def worker_env(self, cfg: Config, nproc: int) -> dict[str, str]:
         env = super().worker_env(cfg, nproc)

@@ -8,6 +8,7 @@ import sys
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from launcher.checkpoint import CheckpointError
 from launcher.config import Config
 from launcher.model import compute_dtype
 from launcher.planner import MemoryPlan, ModelShape
+
+if TYPE_CHECKING:
+    from launcher.runspec import RunSpec
 
 
 class SingleBackend:
@@ -124,9 +128,9 @@ class Single(BackendKind):
     def world_size(self, cfg: Config, nproc_per_node: int) -> int:
         return 1
 
-    def worker_command(self, cfg: Config, nproc: int) -> list[str]:
+    def worker_command(self, cfg: Config, spec: RunSpec) -> list[str]:
         # What `python -m launcher` runs in its own process (printed by dry_run=true, usable by hand).
-        return [sys.executable, "-m", "launcher.train", cfg.run_dir]
+        return [sys.executable, "-m", "launcher.train", spec.run_dir]
 
     def memory_plan(self, cfg: Config, shape: ModelShape, b: int, cuda: bool, plan: MemoryPlan) -> MemoryPlan:
         phi = shape.trainable

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import os
-import resource
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -29,6 +28,7 @@ from launcher.chat import generate_reply
 from launcher.config import ConfigError, MergeConfig
 from launcher.export.locate import Source, base_model_dir, check_complete, find_checkpoint, open_source, skeletons
 from launcher.export.write import ExportPlan, stop_token_ids
+from launcher.metrics.memory import MIB, lifetime_peak_rss
 from launcher.model import load_tokenizer
 from launcher.templates import IGNORE_INDEX, Template, TemplateError
 
@@ -203,7 +203,7 @@ def verify(checkpoint: Path, folder: Path, dtype: torch.dtype, adapter_only: boo
 
 
 def peak_rss_mb() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux reports KiB
+    return int(lifetime_peak_rss() / MIB)
 
 
 def _name(dtype: torch.dtype) -> str:
