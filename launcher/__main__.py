@@ -7,6 +7,7 @@ starting (``run.json``, :mod:`launcher.runspec`: data paths, world, rendezvous);
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from launcher.backends import backend_for
 from launcher.config import Config, ConfigError, register_configs, to_object, validate
+from launcher.rundir import RunDirBusy, entries, hold_run_dir, remove_created
 from launcher.runspec import RunSpec
 
 register_configs()
@@ -45,15 +47,15 @@ def quiet_libraries() -> None:
 def prepare_run(cfg: Config, spec: RunSpec) -> None:
     """Everything before the workers: model files, data, then config.yaml (checked against an earlier run's when
     resuming in the same run directory) and run.json."""
-    from launcher.checkpoint import resume_checkpoint
     from launcher.data import prepare
+    from launcher.integrity import check_same_data, checked_resume
     from launcher.model import load_tokenizer, materialize
     from launcher.packing import load_plan, plan_path
     from launcher.config import resolve_path
 
     run_dir, world_size = Path(spec.run_dir), spec.world_size
     check_resumable(cfg, run_dir)
-    ckpt = resume_checkpoint(cfg, run_dir, world_size)
+    ckpt = checked_resume(cfg, run_dir, world_size, say)  # verified before any worker reads it
     backend_for(cfg).check_config(cfg, world_size)
     materialize(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
@@ -63,6 +65,7 @@ def prepare_run(cfg: Config, spec: RunSpec) -> None:
 
     with library_progress(cfg.logger.progress, cfg.logger.progress_every_s, cfg.launcher.node_rank == 0):
         data_path, stats, hit = prepare(cfg.dataset, cfg.template, tokenizer, tok_dir, cfg.train.seed)
+    check_same_data(cfg, ckpt, data_path, run_dir, say)  # a checkpoint's data cursor fits only its own data
     plan = load_plan(plan_path(data_path, "train"))
     say(f"data: {stats.used} records for training, {stats.eval_records} held out, "
         f"{stats.dropped_errors} dropped for errors, {stats.dropped_overlong} dropped for length, "
@@ -99,15 +102,15 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
     if not path.exists():
         return
     if cfg.resume == "never":
-        raise ConfigError(f"{run_dir} already holds a run and resume=never: start a new run (leave out "
-                          f"hydra.run.dir) or pass resume=auto to continue this one.")
+        raise ConfigError(f"{run_dir} already holds a run and resume=never: pass another hydra.run.dir (or none, "
+                          f"for a new timestamped one), or resume=auto to continue this run.")
     breaking, harmless = config_changes(OmegaConf.to_container(OmegaConf.load(path)),
                                         OmegaConf.to_container(OmegaConf.structured(cfg)))
     if breaking:
         raise ConfigError(
             f"{path} was written by an earlier run with other settings, so this run could not continue it "
-            f"exactly:\n  - " + "\n  - ".join(breaking) + "\nUse the earlier values, or start a new run "
-            f"(leave out hydra.run.dir).")
+            f"exactly:\n  - " + "\n  - ".join(breaking) + "\nUse the earlier values, or start a new run in "
+            "another hydra.run.dir (or none, for a new timestamped one).")
     for line in harmless:
         if not line.startswith("launcher."):  # ports and node addresses differ from start to start anyway
             say(f"changed since the last start: {line}")
@@ -225,18 +228,10 @@ def spawn(cmd: list[str], env: dict[str, str]) -> tuple[int, int | None]:
 
 def report_failure(run_dir: Path, rc: int) -> None:
     """Name the rank that failed first (later failures are usually other ranks losing contact with it)."""
-    errors = []
-    for f in sorted((run_dir / "errors").glob("rank-*.txt")):
-        stamp, _, trace = f.read_text().partition("\n")
-        errors.append((float(stamp), f, trace.strip().splitlines()[-1] if trace.strip() else "?"))
-    if errors:
-        _, f, last = min(errors)
-        rank = f.stem.split("-")[1]
-        say(f"workers failed (exit code {rc}); rank {rank} failed first: {last}")
-        say(f"its full traceback is above and in {f}")
-    else:
-        say(f"workers failed with exit code {rc} (a worker was killed or crashed without a Python error; "
-            f"see above)")
+    from launcher.failures import failure_report
+
+    for line in failure_report(run_dir, rc):
+        say(line)
     say(f"run directory: {run_dir}")
 
 
@@ -306,7 +301,13 @@ def run(dcfg: DictConfig) -> int:
         from launcher.train import run as train_run
 
         rc, stop = 0, None
-        train_run(run_dir)
+        try:
+            train_run(run_dir)
+        except SystemExit as err:  # a message for the user (disk full, non-finite loss): no traceback
+            if not isinstance(err.code, str):
+                raise
+            say(f"error: {err.code}")
+            return 1
     else:
         rc, stop = spawn(cmd, backend.worker_env(cfg, nproc))
         backend.after_workers(cfg, spec)
@@ -336,24 +337,25 @@ def main(dcfg: DictConfig) -> None:
     from launcher.templates import TemplateError
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    fresh = not (run_dir / "config.yaml").exists()
+    before = entries(run_dir)
+    # Only node 0 locks and tidies up: the other nodes of a multi-node run share its run directory.
+    node0 = OmegaConf.select(dcfg, "launcher.node_rank", default=0, throw_on_resolution_failure=False) in (0, None)
     try:
-        rc = run(dcfg)
-    except (ConfigError, DataError, TemplateError) as err:
+        with hold_run_dir(run_dir) if node0 else contextlib.nullcontext():
+            fresh = not (run_dir / "config.yaml").exists()
+            try:
+                rc = run(dcfg)
+            except (ConfigError, DataError, TemplateError) as err:
+                say(f"error: {err}")
+                rc = 2
+            except PreflightError as err:
+                say(f"preflight failed: {err}")
+                rc = 3
+            if fresh and node0 and (rc == 2 or dcfg.get("dry_run")):
+                remove_created(run_dir, before, Path(dcfg.output_dir).resolve())  # no half-made run directory
+    except RunDirBusy as err:
         say(f"error: {err}")
         rc = 2
-    except PreflightError as err:
-        say(f"preflight failed: {err}")
-        rc = 3
-    # Only node 0 may tidy up: the other nodes of a multi-node run share its run directory.
-    node0 = OmegaConf.select(dcfg, "launcher.node_rank", default=0, throw_on_resolution_failure=False) in (0, None)
-    if fresh and node0 and (rc == 2 or dcfg.get("dry_run")):
-        shutil.rmtree(run_dir, ignore_errors=True)  # a rejected or dry run leaves no half-made run directory
-        out_root = Path(dcfg.output_dir).resolve()
-        for parent in run_dir.resolve().parents:  # nor the empty outputs/<name>/ folders above it
-            if out_root not in parent.parents or any(parent.iterdir()):
-                break
-            parent.rmdir()
     sys.exit(rc)
 
 

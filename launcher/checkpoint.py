@@ -10,7 +10,8 @@ Layout of ``<run_dir>/checkpoints/step-N/``::
     COMPLETE               the step number; written last
     trainer_state.json     {"step", "micro_batch" (data cursor: micro-batches each rank consumed), "world_size",
                             "backend", "finetune"}
-    rng/rank-R.pt          rank R's Python, NumPy, torch (and CUDA) RNG states
+    rng/rank-R.json        rank R's Python, NumPy, torch (and CUDA) RNG states (JSON: nothing is unpickled)
+    MANIFEST.json          size and SHA-256 of every other file (launcher/integrity.py), written before COMPLETE
     adapter_config.json    LoRA only: the PEFT config; the frozen base is model.name_or_path of <run_dir>/config.yaml
     ...                    model, optimizer and schedule in the backend's own layout: each module in
                            launcher/backends/ describes its layout and reads it offline (``read_checkpoint``)
@@ -26,6 +27,9 @@ complete checkpoint and reproduces the per-step losses of an uninterrupted run e
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import errno
 import json
 import os
 import random
@@ -34,13 +38,15 @@ import shutil
 import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
 
 from launcher.backends import backend_for
 from launcher.config import Config, ConfigError, flatten, resolve_path
+from launcher.failures import text_of
+from launcher.runspec import load_run_spec
 
 if TYPE_CHECKING:
     from launcher.backends.base import Backend
@@ -49,6 +55,7 @@ if TYPE_CHECKING:
 # workers stopped on SIGTERM/SIGUSR1 (a checkpoint was saved, or no progress was lost): requeue and resume.
 STOPPED_EXIT_CODE = 75
 COMPLETE = "COMPLETE"
+FULL_DISK_BYTES = 64 << 20  # a save that fails with less than this free on its filesystem failed for lack of space
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -66,6 +73,7 @@ class TrainState:
     world_size: int = 1
     backend: str = ""
     finetune: str = ""
+    data_key: str = ""  # which prepared data the cursor points into (the cache key of data_path)
 
 
 # --------------------------------------------------------------------------------------------- finding
@@ -130,7 +138,8 @@ def resume_checkpoint(cfg: Config, run_dir: Path, world_size: int) -> Path | Non
 _MAY_CHANGE = ("launcher.", "merge.", "train.max_steps", "train.epochs", "train.save_steps",
                "train.save_total_limit", "train.log_every", "resume", "dry_run", "output_dir", "name",
                "dataset.num_proc", "dataset.cache_dir", "backend.timeout_minutes",
-               "logger.", "planner.", "eval.")  # monitoring never changes the training math
+               "logger.", "planner.", "eval.",  # monitoring never changes the training math
+               "resume_new_data")  # checked by launcher.integrity.check_same_data instead
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -149,18 +158,27 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str],
 
 # --------------------------------------------------------------------------------------------- RNG
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy, torch (and CUDA) RNG states as JSON-able values: stored without pickle."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": list(random.getstate()), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
+def _byte_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_byte_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_byte_tensor(s) for s in state["cuda"]])
 
 
 # --------------------------------------------------------------------------------------------- save / load
@@ -177,18 +195,23 @@ def save_checkpoint(backend: Backend, model: torch.nn.Module, run_dir: Path, sta
     """Write ``checkpoints/step-N`` atomically: into a temporary directory, then one rename, then prune."""
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step-{state.step}", root / f".tmp-step-{state.step}"
+    with _space_checked(tmp, run_dir, state.step):
+        if backend.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        backend.barrier()
+        backend.save(tmp)
+        (tmp / "rng" / f"rank-{backend.rank}.json").write_text(json.dumps(rng_state()))
+        backend.barrier()
+        if backend.rank == 0:
+            if (adapter := _adapter_config(model)) is not None:
+                adapter.save_pretrained(tmp)
+            (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+            from launcher.integrity import write_manifest  # (imports this module)
+
+            write_manifest(tmp)  # size and hash of every file, checked before anything reads them
+            (tmp / COMPLETE).write_text(str(state.step))
     if backend.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
-    backend.barrier()
-    backend.save(tmp)
-    torch.save(rng_state(), tmp / "rng" / f"rank-{backend.rank}.pt")
-    backend.barrier()
-    if backend.rank == 0:
-        if (adapter := _adapter_config(model)) is not None:
-            adapter.save_pretrained(tmp)
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
-        (tmp / COMPLETE).write_text(str(state.step))
         if final.exists():  # only when re-saving a step after a resume; the new one is as good
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -199,17 +222,77 @@ def save_checkpoint(backend: Backend, model: torch.nn.Module, run_dir: Path, sta
     return final
 
 
+@contextlib.contextmanager
+def _space_checked(tmp: Path, run_dir: Path, step: int) -> Iterator[None]:
+    """A save that fails for lack of space removes its partial directory and stops with a message that names
+    the directory, the bytes needed and the bytes free (the previous checkpoint stays usable)."""
+    try:
+        yield
+    except BaseException as err:  # DCP's CheckpointException is a BaseException
+        try:
+            free = shutil.disk_usage(tmp.parent).free
+        except OSError:
+            free = 1 << 62
+        # torch.save reports a full disk as "iostream error" / "unexpected pos", without the errno: an error
+        # with almost nothing free on that filesystem is taken for what it is.
+        nearly_full = free < FULL_DISK_BYTES and (isinstance(err, Exception) or "Checkpoint" in type(err).__name__)
+        if not (out_of_space(err) or nearly_full):
+            raise
+        written = _bytes_in(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        done = complete_checkpoints(run_dir)
+        need = max(written, _bytes_in(done[-1]) if done else 0)
+        raise SystemExit(
+            f"no space left on device for checkpoint step-{step} in {tmp.parent}: it needs about {need:,} bytes "
+            f"and {free:,} were free. The partial save was removed; "
+            + (f"{done[-1]} is intact (resume=auto continues from it)" if done else "no earlier checkpoint exists")
+            + ". Free space there, or lower train.save_total_limit.") from None
+
+
+def _bytes_in(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()) if directory.is_dir() else 0
+
+
+def out_of_space(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it, or the per-rank failures DCP wraps) is a full disk."""
+    seen: list[BaseException] = []
+    todo: list[BaseException] = [err]
+    while todo and len(seen) < 50:
+        e = todo.pop()
+        seen.append(e)
+        todo += [x for x in (e.__cause__, e.__context__) if x is not None and x not in seen]
+        for x in getattr(e, "failures", {}).values():  # DCP: {rank: (exception, traceback)}
+            x = x[0] if isinstance(x, tuple) and x else x
+            if isinstance(x, BaseException):
+                todo.append(x)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in text_of(e) or "PytorchStreamWriter failed writing file" in text_of(e):
+            return True
+    return False
+
+
 def resume(backend: Backend, run_dir: Path, cfg: Config) -> TrainState:
     """Restore model, optimizer, schedule, data position and RNG from the checkpoint to continue from, if any."""
     ckpt = resume_checkpoint(cfg, run_dir, backend.world_size)
     if backend.rank == 0:  # leftovers of a save that was interrupted: never read, now removed
         for tmp in (Path(run_dir) / "checkpoints").glob(".tmp-step-*"):
             shutil.rmtree(tmp, ignore_errors=True)
+    data_key = Path(load_run_spec(run_dir).data_path).name.removeprefix("data-")
     if ckpt is None:
-        return TrainState(world_size=backend.world_size, backend=backend_for(cfg).name, finetune=cfg.finetune.method)
+        return TrainState(world_size=backend.world_size, backend=backend_for(cfg).name, finetune=cfg.finetune.method,
+                          data_key=data_key)
     backend.load(ckpt)
     state = read_state(ckpt)
-    set_rng_state(torch.load(ckpt / "rng" / f"rank-{backend.rank}.pt", weights_only=False))
+    if state.data_key and state.data_key != data_key:  # the launcher refused this unless resume_new_data=true
+        if not cfg.resume_new_data:
+            raise CheckpointError(f"{ckpt} was trained on other prepared data ({state.data_key}, now {data_key}).")
+        if backend.rank == 0:
+            print(f"resume_new_data=true: the data changed since {ckpt}; the data cursor starts again at the "
+                  f"beginning of the new data", flush=True)
+        state.micro_batch = 0
+    state.data_key = data_key
+    set_rng_state(json.loads((ckpt / "rng" / f"rank-{backend.rank}.json").read_text()))
     if backend.rank == 0:
         _trim_metrics(Path(run_dir) / "metrics.jsonl", state.step)
         print(f"resumed from {ckpt} (step {state.step})", flush=True)

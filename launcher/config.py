@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -166,6 +167,9 @@ class TrainerConfig:
     # Same loss and gradients either way; smaller chunks use less memory (each chunk's logits are recomputed in
     # backward, one extra output-head matmul over the supervised positions).
     loss_chunk_tokens: int = 2048
+    # A step whose loss or gradient norm is not finite: "stop" (no checkpoint of that state is written; exit
+    # non-zero, naming the last good checkpoint) or "skip" (the update is not applied; single and fsdp backends).
+    nonfinite: str = "stop"
 
 
 @dataclass
@@ -297,16 +301,40 @@ class Config:
     # "auto": continue from the newest complete checkpoint in the run directory (pass hydra.run.dir=<run dir>),
     # "never": start from step 0, or the path of one checkpoints/step-N directory to continue from.
     resume: str = "auto"
+    # Resuming on data that changed since the checkpoint is refused; true continues the model on the new data,
+    # with the data cursor started again at its beginning (the old cursor points into the old data).
+    resume_new_data: bool = False
 
 
 def register_configs() -> None:
     """Register the schema that conf/config.yaml extends: each group's YAML is merged into its typed field, so
     an unknown key or a wrong type in any group file or override fails at composition."""
     ConfigStore.instance().store(name="config_schema", node=Config)
+    from launcher.rundir import register_resolver
+
+    register_resolver()  # ${unique_dir:...} in conf/config.yaml's hydra.run.dir
+
+
+def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
+    """Keys of ``node`` that ``schema`` (a config dataclass) does not define, e.g. from Hydra's append syntax
+    ``+train.foo=1``, which adds keys even to a typed node; in the words of Hydra's message for a misspelt key."""
+    hints = typing.get_type_hints(schema)
+    out = []
+    for key, value in node.items():
+        if key not in hints:
+            out.append(f"Key {key!r} not in {schema.__name__!r} (full_key: {prefix}{key})")
+        elif is_dataclass(hints[key]) and isinstance(value, dict):
+            out += unknown_keys(value, hints[key], f"{prefix}{key}.")
+    return out
 
 
 def to_object(cfg: DictConfig) -> Config:
-    """Turn a composed DictConfig into the typed Config (resolving interpolations)."""
+    """Turn a composed DictConfig into the typed Config (resolving interpolations); a key the schema does not
+    know is refused like a misspelt one."""
+    unknown = unknown_keys(OmegaConf.to_container(cfg, resolve=False), Config)
+    if unknown:
+        raise ConfigError("; ".join(unknown) + ". Check the spelling (`python -m launcher --cfg job` lists every "
+                          "key); a '+' cannot add settings the launcher does not have.")
     merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
     obj = OmegaConf.to_object(merged)
     assert isinstance(obj, Config)
@@ -370,6 +398,10 @@ def validate(cfg: Config) -> None:
     _choice(e, "finetune.method", cfg.finetune.method, ("full", "lora", "qlora"))
     _choice(e, "dataset.overlong", cfg.dataset.overlong, ("truncate", "drop", "cut_prompt"))
     _choice(e, "dataset.on_error", cfg.dataset.on_error, ("raise", "skip"))
+    _choice(e, "train.nonfinite", cfg.train.nonfinite, ("stop", "skip"))
+    if cfg.train.nonfinite == "skip" and cfg.backend.name == "deepspeed":
+        e.append("train.nonfinite=skip needs backend=single or fsdp: DeepSpeed applies the update before the "
+                 "gradient norm is known. Use train.nonfinite=stop and resume from the last good checkpoint.")
     _choice(e, "template.system_position", cfg.template.system_position, ("turn", "first_user", "last_user"))
     e += backends.config_problems(cfg)
     if cfg.backend.timeout_minutes <= 0:
@@ -410,10 +442,7 @@ def validate(cfg: Config) -> None:
         e.append("train.epochs and train.max_steps are both non-positive: set train.epochs=1 or train.max_steps=N.")
     if cfg.optimizer.lr <= 0:
         e.append(f"optimizer.lr={cfg.optimizer.lr} must be positive, e.g. optimizer.lr=1e-4.")
-    if not 0 <= cfg.optimizer.warmup_ratio < 1:
-        e.append(f"optimizer.warmup_ratio={cfg.optimizer.warmup_ratio} must be in [0, 1).")
-    if len(cfg.optimizer.betas) != 2:
-        e.append(f"optimizer.betas={cfg.optimizer.betas} needs two values, e.g. [0.9,0.999].")
+    _validate_optimizer(cfg.optimizer, e)
     if cfg.launcher.nproc_per_node is not None and cfg.launcher.nproc_per_node < 1:
         e.append(f"launcher.nproc_per_node={cfg.launcher.nproc_per_node} must be at least 1.")
     if cfg.launcher.nnodes > 1 and cfg.launcher.master_port is None:
@@ -447,6 +476,26 @@ def validate_merge(m: MergeConfig) -> list[str]:
         e.append(f"merge.ask={m.ask!r} does not exist: name a JSON file of held-out records, an entry of "
                  f"dataset_info.json, or merge.ask=''.")
     return e
+
+
+def _validate_optimizer(o: OptimizerConfig, e: list[str]) -> None:
+    """AdamW's own ranges, checked here so that no worker starts only to fail inside torch's optimizer."""
+    if len(o.betas) != 2:
+        e.append(f"optimizer.betas={list(o.betas)} needs two values, e.g. [0.9,0.999].")
+    elif not all(0 <= b < 1 for b in o.betas):
+        e.append(f"optimizer.betas={list(o.betas)}: both must be in [0, 1), e.g. [0.9,0.999].")
+    if not o.eps > 0:
+        e.append(f"optimizer.eps={o.eps} must be positive, e.g. 1e-8.")
+    if not o.weight_decay >= 0:
+        e.append(f"optimizer.weight_decay={o.weight_decay} must be 0 or positive, e.g. 0.01.")
+    if not 0 <= o.min_lr_ratio <= 1:
+        e.append(f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1] (the final learning rate as a "
+                 f"fraction of optimizer.lr), e.g. 0.1.")
+    if not 0 <= o.warmup_ratio < 1:
+        e.append(f"optimizer.warmup_ratio={o.warmup_ratio} must be in [0, 1) (the fraction of the run's steps "
+                 f"spent warming up), e.g. 0.03.")
+    if not o.max_grad_norm >= 0:
+        e.append(f"optimizer.max_grad_norm={o.max_grad_norm} must be 0 (no clipping) or positive, e.g. 1.0.")
 
 
 def _validate_monitoring(cfg: Config, e: list[str]) -> None:

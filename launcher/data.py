@@ -10,6 +10,7 @@ it and a changed input never reuses a stale one::
     <cache_dir>/data-<key>/train, eval   Arrow datasets: input_ids, labels (-100 = no loss), length
     <cache_dir>/data-<key>/*_rows.npz    the row plan (launcher.packing.pack_dataset)
     <cache_dir>/data-<key>/stats.json    DataStats: what was used, dropped and why
+    <cache_dir>/data-<key>/sources.json  the key and the SHA-256 of every data file it was made from
     <cache_dir>/data-<key>/COMPLETE      written last; a directory without it is never used
 """
 
@@ -29,7 +30,8 @@ from launcher.config import DatasetConfig, TemplateConfig, resolve_path
 from launcher.cut_prompt import encode_cut_prompt
 from launcher.templates import Template, TemplateError, normalize_tools, parse_tool_calls
 
-CACHE_VERSION = "2"  # bump when the cached format changes (the code itself is hashed too)
+CACHE_VERSION = "3"  # bump when the cached format changes (the code itself is hashed too)
+SOURCES = "sources.json"  # in a prepared directory: its key and the SHA-256 of each data file it was made from
 DATA_SUFFIXES = (".json", ".jsonl")
 MAX_ERROR_EXAMPLES = 10
 FIX_HINT = ("Fix the record, or set dataset.on_error=skip to drop such records (they are counted and reported).")
@@ -121,17 +123,29 @@ def load_registry(data_dir: Path, names: list[str]) -> list[DatasetEntry]:
 
 
 # --------------------------------------------------------------------------------------------- reading
+def _not_utf8(path: Path, err: UnicodeDecodeError, offset: int = 0) -> DataError:
+    return DataError(f"{path}: not UTF-8 at byte {offset + err.start} ({err.reason}). Save the file as UTF-8 "
+                     f"(e.g. `iconv -f cp949 -t utf-8`).", "not UTF-8")
+
+
 def read_records(path: Path) -> Iterator[tuple[str, Any]]:
     """Yield (where, record) from a JSON list or a JSON-lines file; ``where`` names the file and record.
 
-    JSON lines are streamed, and a line that is not valid JSON is yielded as a DataError (the caller raises or
-    skips it); a JSON list is parsed whole (use JSON lines for very large files).
+    JSON lines are streamed, and a line that is not valid JSON (or not UTF-8) is yielded as a DataError (the
+    caller raises or skips it); a JSON list is parsed whole (use JSON lines for very large files).
     """
-    with path.open(encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
+    with path.open("rb") as f:
+        head = f.read(4096).decode("utf-8", errors="ignore").lstrip()
     if path.suffix == ".jsonl" or head.startswith("{"):
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            offset = 0
+            for lineno, raw in enumerate(f, 1):
+                start, offset = offset, offset + len(raw)
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield f"{path}, line {lineno}", _not_utf8(path, err, start)
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -144,7 +158,13 @@ def read_records(path: Path) -> Iterator[tuple[str, Any]]:
                 yield f"{path}, line {lineno}", record
         return
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
+    if not text.strip():
+        return  # an empty file: no records (the caller names it)
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}, column {err.colno}).",
                         "invalid JSON") from None
@@ -346,8 +366,22 @@ def _code_hash() -> bytes:
     return b"".join((here / f).read_bytes() for f in ("data.py", "templates.py", "cut_prompt.py", "packing.py"))
 
 
+def file_digests(entries: list[DatasetEntry]) -> dict[str, str]:
+    """SHA-256 of every data file, by path: what ``sources.json`` of a prepared directory records, so a resumed
+    run can name the files that changed (launcher/integrity.py)."""
+    out = {}
+    for e in entries:
+        for f in e.files:
+            digest = hashlib.sha256()
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+            out[str(f)] = digest.hexdigest()
+    return out
+
+
 def cache_key(cfg: DatasetConfig, template: TemplateConfig, tokenizer_dir: Path, entries: list[DatasetEntry],
-              seed: int, tokenizer: Any = None) -> str:
+              seed: int, tokenizer: Any = None, digests: dict[str, str] | None = None) -> str:
     """Hash of every input of preparation: data file contents, tokenizer files, template definition, cutoff,
     masking, split and packing options, and the preparation code. (num_proc and cache_dir do not change it.)"""
     h = hashlib.sha256(CACHE_VERSION.encode())
@@ -367,14 +401,11 @@ def cache_key(cfg: DatasetConfig, template: TemplateConfig, tokenizer_dir: Path,
         h.update((backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
                   ).encode())
         h.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, sorted(tokenizer.get_added_vocab())]).encode())
+    digests = digests or file_digests(entries)
     for e in entries:
         h.update(json.dumps([e.name, e.formatting, e.columns, e.tags], sort_keys=True).encode())
         for f in e.files:
-            digest = hashlib.sha256()
-            with f.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
-            h.update(str(f.name).encode() + digest.digest())
+            h.update(str(f.name).encode() + bytes.fromhex(digests[str(f)]))
     return h.hexdigest()[:16]
 
 
@@ -392,6 +423,14 @@ def _progress_bars() -> Iterator[None]:
             datasets.disable_progress_bars()
 
 
+def _count_skip(stats: DataStats, err: DataError) -> None:
+    """Count a skipped record (dataset.on_error=skip) and keep the first few messages for the report."""
+    stats.dropped_errors += err.reason != "no records"  # an empty file has no record to count
+    stats.error_reasons[err.reason] = stats.error_reasons.get(err.reason, 0) + 1
+    if len(stats.errors) < MAX_ERROR_EXAMPLES:
+        stats.errors.append(str(err))
+
+
 def _records(entries: list[DatasetEntry], cfg: DatasetConfig, template: Template, stats: DataStats
              ) -> Iterator[dict[str, Any]]:
     """Converted records, one at a time: {"messages", "tools" (JSON text, "" for none)}. Errors raise or are
@@ -401,10 +440,11 @@ def _records(entries: list[DatasetEntry], cfg: DatasetConfig, template: Template
         for file in entry.files:
             if cfg.max_samples is not None and n >= cfg.max_samples:
                 break
+            in_file = 0
             for where, record in read_records(file):
                 if cfg.max_samples is not None and n >= cfg.max_samples:
                     break
-                n += 1
+                n, in_file = n + 1, in_file + 1
                 stats.records += 1
                 try:
                     msgs, tools = to_messages(record, entry, where)
@@ -415,12 +455,16 @@ def _records(entries: list[DatasetEntry], cfg: DatasetConfig, template: Template
                 except DataError as err:
                     if cfg.on_error == "raise":
                         raise DataError(f"{err} {FIX_HINT}", err.reason) from None
-                    stats.dropped_errors += 1
-                    stats.error_reasons[err.reason] = stats.error_reasons.get(err.reason, 0) + 1
-                    if len(stats.errors) < MAX_ERROR_EXAMPLES:
-                        stats.errors.append(str(err))
+                    _count_skip(stats, err)
                     continue
                 yield {"messages": msgs, "tools": json.dumps(tools, ensure_ascii=False) if tools else ""}
+            if in_file == 0:
+                what = "is empty" if not file.read_bytes().strip() else "holds no records"
+                err = DataError(f"{file} {what}: add records, or leave it out of {entry.name!r} in "
+                                f"dataset_info.json.", "no records")
+                if cfg.on_error == "raise":
+                    raise err
+                _count_skip(stats, err)
         stats.per_dataset[entry.name] = n
 
 
@@ -445,10 +489,30 @@ def _encode(batch: dict[str, list], template: Template, cutoff_len: int, train_o
     return out
 
 
-def _no_records(cfg: DatasetConfig, data_dir: Path, stats: DataStats) -> DataError:
+def _no_records(cfg: DatasetConfig, data_dir: Path, stats: DataStats, entries: list[DatasetEntry]) -> DataError:
+    files = [str(f) for e in entries for f in e.files]
+    shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
     example = f" (e.g. {stats.errors[0].rstrip('.')})" if stats.errors else ""
-    return DataError(f"no usable records in {', '.join(cfg.names)} under {data_dir}: {stats.records} read, "
-                     f"{stats.dropped_errors} skipped for errors{example}.")
+    return DataError(f"no usable records in {', '.join(cfg.names)} under {data_dir} ({shown}): {stats.records} "
+                     f"read, {stats.dropped_errors} skipped for errors{example}.")
+
+
+def _all_too_long(cfg: DatasetConfig) -> DataError:
+    """Every record was dropped for length: the fix depends on the settings that dropped them."""
+    if cfg.overlong == "drop":
+        return DataError(f"every record is longer than dataset.cutoff_len={cfg.cutoff_len} tokens and "
+                         f"dataset.overlong=drop drops such records: raise dataset.cutoff_len, or set "
+                         f"dataset.overlong=truncate to keep their latest turns (cut_prompt: their replies).")
+    if cfg.overlong == "cut_prompt":
+        return DataError(f"every record was dropped: even with their user text cut away "
+                         f"(dataset.overlong=cut_prompt), the replies and markup of each are longer than "
+                         f"dataset.cutoff_len={cfg.cutoff_len} tokens. Raise dataset.cutoff_len, or use "
+                         f"dataset.overlong=truncate (which may cut the end of a reply).")
+    trained = "any token" if cfg.train_on_prompt else (
+        "the last assistant reply" if cfg.mask_history else "an assistant reply")
+    return DataError(f"every record was dropped: even truncated (earliest turns first, as dataset.overlong=truncate "
+                     f"does), none keeps {trained} within dataset.cutoff_len={cfg.cutoff_len} tokens, so none has "
+                     f"anything to train on. Raise dataset.cutoff_len.")
 
 
 def _column_sum(table: Any, column: str) -> int:
@@ -471,7 +535,8 @@ def prepare(cfg: DatasetConfig, template_cfg: TemplateConfig, tokenizer: Any, to
 
     data_dir = resolve_path(cfg.dir)
     entries = load_registry(data_dir, list(cfg.names))
-    key = cache_key(cfg, template_cfg, tokenizer_dir, entries, seed, tokenizer)
+    digests = file_digests(entries)
+    key = cache_key(cfg, template_cfg, tokenizer_dir, entries, seed, tokenizer, digests)
     cache_root = resolve_path(cfg.cache_dir)
     out = cache_root / f"data-{key}"
     if (out / "COMPLETE").is_file():
@@ -502,10 +567,10 @@ def prepare(cfg: DatasetConfig, template_cfg: TemplateConfig, tokenizer: Any, to
                 if isinstance(cause, DataError):
                     raise cause from None
                 if stats.records == stats.dropped_errors:  # datasets cannot build an empty split
-                    raise _no_records(cfg, data_dir, stats) from None
+                    raise _no_records(cfg, data_dir, stats, entries) from None
                 raise
             if len(raw) == 0:
-                raise _no_records(cfg, data_dir, stats)
+                raise _no_records(cfg, data_dir, stats, entries)
             tokenized = raw.map(
                 _encode, batched=True, batch_size=1000, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
                 remove_columns=raw.column_names, new_fingerprint=f"{key}-tokens", desc="Tokenizing",
@@ -519,8 +584,7 @@ def prepare(cfg: DatasetConfig, template_cfg: TemplateConfig, tokenizer: Any, to
                     "truncated": datasets.Value("bool")}))
         stats.dropped_overlong = len(raw) - len(tokenized)
         if len(tokenized) == 0:
-            raise DataError(f"every record was dropped as longer than dataset.cutoff_len={cfg.cutoff_len}; "
-                            f"raise cutoff_len or use dataset.overlong=truncate (or cut_prompt).")
+            raise _all_too_long(cfg)
 
         n_eval = int(cfg.val_size if cfg.val_size >= 1 else round(cfg.val_size * len(tokenized)))
         if n_eval >= len(tokenized):
@@ -547,6 +611,7 @@ def prepare(cfg: DatasetConfig, template_cfg: TemplateConfig, tokenizer: Any, to
                              tmp / f"{name}_rows.npz")
         shutil.rmtree(tmp / "work", ignore_errors=True)
         (tmp / "stats.json").write_text(json.dumps(asdict(stats), indent=1, ensure_ascii=False))
+        (tmp / SOURCES).write_text(json.dumps({"key": key, "files": digests}, indent=1))
         (tmp / "COMPLETE").write_text(key)
         try:
             os.rename(tmp, out)

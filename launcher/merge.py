@@ -77,9 +77,11 @@ def run(path: str, overrides: list[str], ask: bool = False) -> int:
     from launcher.checkpoint import CheckpointError
     from launcher.data import DataError
     from launcher.export import VerificationError, export, find_checkpoint
+    from launcher.integrity import check
 
     try:
         src = find_checkpoint(path)
+        check(src.checkpoint)  # files against the manifest, pickles weights-only: before any library reads one
         mcfg = apply_overrides(src.cfg.merge, overrides)
         result = export(src.checkpoint, mcfg, log=say)
     except (CheckpointError, ConfigError, DataError) as err:

@@ -52,6 +52,9 @@ def check_available(cfg: ModelConfig) -> None:
         return
     from huggingface_hub import try_to_load_from_cache
 
+    if cfg.name_or_path.startswith(("/", "./", "../", "~")):  # a path, not a hub id: it must exist
+        raise ConfigError(f"model.name_or_path={cfg.name_or_path!r}: no such directory. Pass the folder that holds "
+                          f"the model's config.json and weights.")
     if try_to_load_from_cache(where, "config.json") is None and os.environ.get("HF_HUB_OFFLINE", "1") != "0":
         raise ConfigError(
             f"model.name_or_path={cfg.name_or_path!r} is neither a local directory nor in the Hugging Face cache. "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import math
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ from launcher.backends.base import Backend
 from launcher.checkpoint import StopRequest, complete_checkpoints, resume, save_checkpoint
 from launcher.config import Config, load_run_config
 from launcher.evaluate import Evaluator, LossFn
+from launcher.failures import lost_peer, write_record
 from launcher.loss import loss_chunks, token_loss_sum
 from launcher.metrics import FlopCounter, MetricsLogger
 from launcher.metrics.memory import MIB, device_peak, host_rss, lifetime_peak_rss
@@ -154,6 +156,23 @@ def train_step(model: torch.nn.Module, backend: Backend, batches: list[dict[str,
             "step_time": dt, "tokens_per_s": totals["tokens"] / dt, "slots": totals["slots"]}
 
 
+def check_finite(m: dict, step: int, cfg: Config, run_dir: Path, rank: int) -> None:
+    """A non-finite loss or gradient norm (the same on every rank) stops training before anything of that state
+    is saved, or, with train.nonfinite=skip, is reported (the backend did not apply the update)."""
+    if math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]):
+        return
+    what = f"step {step}: loss {m['loss']}, gradient norm {m['grad_norm']}"
+    if cfg.train.nonfinite == "skip":
+        if rank == 0:
+            print(f"warning: {what}: update skipped (train.nonfinite=skip)", file=sys.stderr, flush=True)
+        return
+    done = complete_checkpoints(run_dir)
+    last = (f"the last good checkpoint is {done[-1]} (resume=auto continues from it)" if done
+            else "no checkpoint was written before it")
+    raise SystemExit(f"{what}: training stopped and nothing of this state was saved; {last}. Lower optimizer.lr "
+                     f"or check the data; train.nonfinite=skip skips such steps instead (backend=single or fsdp).")
+
+
 def run(run_dir: str | Path) -> dict:
     """Train as configured in ``run_dir/config.yaml`` and ``run.json``; returns the summary (rank 0 also writes
     summary.json).
@@ -193,6 +212,7 @@ def run(run_dir: str | Path) -> dict:
         batches = [next(stream) for _ in range(gas)]
         data_time = time.time() - t0
         step_metrics = train_step(model, backend, batches, train_loss)
+        check_finite(step_metrics, state.step + 1, cfg, run_dir, backend.rank)
         slots += step_metrics.pop("slots")
         metrics.log_step(state.step + 1, step_metrics, batches=batches, data_time=data_time)
         state.step, state.micro_batch = state.step + 1, state.micro_batch + gas
@@ -239,14 +259,19 @@ def main(argv: list[str] | None = None) -> None:
     faulthandler.enable()  # a rank killed by a native crash (SIGSEGV, SIGABRT) still shows where it was
     try:
         run(args[0])
-    except (Exception, SystemExit) as err:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:  # BaseException: DCP's CheckpointException is one
         if isinstance(err, SystemExit) and not isinstance(err.code, str):
             raise  # a bare exit status: the rank that explains it has a message of its own
         # Every rank's output is interleaved on the console; this file lets the launcher name the first failure.
-        err_dir = Path(args[0]) / "errors"
-        err_dir.mkdir(exist_ok=True)
-        text = err.code if isinstance(err, SystemExit) else traceback.format_exc()
-        (err_dir / f"rank-{os.environ.get('RANK', '0')}.txt").write_text(f"{time.time()}\n{text}")
+        rank = os.environ.get("RANK", "0")
+        if lost_peer(err):  # a consequence of another rank's failure: one line here, the cause is named there
+            write_record(args[0], rank, "peer_lost", f"{type(err).__name__}: {str(err).strip()}")
+            print(f"[rank{rank}] stopped: another rank vanished ({type(err).__name__}: {str(err).strip()[:160]})",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        write_record(args[0], rank, "error", err.code if isinstance(err, SystemExit) else traceback.format_exc())
         raise
 
 

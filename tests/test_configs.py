@@ -68,6 +68,8 @@ def test_lora_settings_are_checked_before_any_worker() -> None:
     ("optimizer.lr=abc", "optimizer.lr"),
     ("model=nope", "tiny_llama"),  # Hydra lists the available options
     ("train.max_stpes=3", "max_stpes"),
+    ("+train.foo=1", "Key 'foo' not in 'TrainerConfig'"),  # Hydra's append syntax: refused like a typo
+    ("+bar=1", "Key 'bar' not in 'Config'"),
 ])
 def test_cli_mistakes_name_the_key(override: str, needle: str, tmp_path: Path) -> None:
     r = run_launcher(override, f"output_dir={tmp_path}", timeout=120)
@@ -84,6 +86,18 @@ def test_validation_error_is_one_paragraph_and_leaves_nothing(tmp_path: Path) ->
     assert not any(tmp_path.rglob("config.yaml")), "a rejected run must not leave a run directory"
 
 
+def test_optimizer_ranges_are_checked_before_any_worker() -> None:
+    obj = to_object(_compose("optimizer.betas=[0.9,1.0]", "optimizer.eps=0", "optimizer.weight_decay=-0.1",
+                             "optimizer.min_lr_ratio=-1", "optimizer.warmup_ratio=1.5", "optimizer.max_grad_norm=-1"))
+    with pytest.raises(ConfigError) as err:
+        validate(obj)
+    msg = str(err.value)
+    for key in ("optimizer.betas=[0.9, 1.0]", "optimizer.eps=0", "optimizer.weight_decay=-0.1",
+                "optimizer.min_lr_ratio=-1", "optimizer.warmup_ratio=1.5", "optimizer.max_grad_norm=-1"):
+        assert key in msg, (key, msg)
+    validate(to_object(_compose("optimizer.betas=[0.0,0.95]", "optimizer.min_lr_ratio=1", "optimizer.weight_decay=0")))
+
+
 def test_cfg_job_prints_the_composed_config() -> None:
     r = run_launcher("--cfg", "job", "optimizer.lr=0.5", timeout=120)
     assert r.returncode == 0, r.stderr
@@ -97,7 +111,7 @@ def test_dry_run_prints_the_deepspeed_command(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip().splitlines()[-1]
     assert line.split()[0].endswith("deepspeed") and line.split()[1:3] == ["--num_gpus", "2"]
-    assert "--module launcher.train " in line
+    assert "--module launcher.worker " in line
     assert not any(tmp_path.rglob("config.yaml")), "a dry run writes nothing"
 
 
@@ -110,3 +124,10 @@ def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
     assert "huggingface.co" not in r.stderr and "memory plan" not in r.stderr, r.stderr
     assert not any((tmp_path / "out").rglob("*")), "a rejected run leaves no run directory"
+
+
+def test_a_missing_model_directory_is_named_without_traceback(tmp_path: Path) -> None:
+    r = run_launcher("model.name_or_path=/nonexistent/model", "model.init=pretrained", f"output_dir={tmp_path}",
+                     timeout=120)
+    assert r.returncode == 2 and "model.name_or_path='/nonexistent/model': no such directory" in r.stderr
+    assert "Traceback" not in r.stderr and not any(tmp_path.iterdir())

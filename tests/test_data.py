@@ -230,7 +230,8 @@ def test_tool_data_with_a_template_without_tool_slots(tmp_path: Path, tokenizer)
     # leaves nothing to train on: that is an error too, with the counts and an example.
     with pytest.raises(DataError) as err:
         prepare(dataclasses.replace(cfg, on_error="skip"), template("gemma"), tokenizer, TOKENIZER_DIR, 0)
-    assert str(err.value).startswith(f"no usable records in glaive_toolcall_ko_demo under {LF}: 9 read, 9 skipped "
+    assert str(err.value).startswith(f"no usable records in glaive_toolcall_ko_demo under {LF} "
+                                     f"({LF / 'glaive_toolcall_ko_demo.json'}): 9 read, 9 skipped "
                                      f"for errors (e.g. {LF / 'glaive_toolcall_ko_demo.json'}, record 0: template")
 
 
@@ -315,6 +316,52 @@ def test_overlong_records_are_counted(tmp_path: Path, tokenizer) -> None:
     d = data_dir(tmp_path, {"a.json": json.dumps([ALPACA_OK, long])}, {"a": {"file_name": "a.json"}})
     _, stats, _ = prepare(dcfg(d, ["a"], tmp_path, cutoff_len=64), template(), tokenizer, TOKENIZER_DIR, 0)
     assert (stats.used, stats.dropped_overlong) == (1, 1)
+
+
+@pytest.mark.parametrize("overlong,needle", [
+    ("truncate", "even truncated (earliest turns first, as dataset.overlong=truncate does), none keeps an assistant "
+                 "reply within dataset.cutoff_len=64 tokens"),
+    ("drop", "every record is longer than dataset.cutoff_len=64 tokens and dataset.overlong=drop drops such records: "
+             "raise dataset.cutoff_len, or set dataset.overlong=truncate"),
+])
+def test_all_dropped_message_fits_the_settings(overlong: str, needle: str, tmp_path: Path, tokenizer) -> None:
+    long = {"instruction": "q " * 200, "output": "a"}
+    d = data_dir(tmp_path, {"a.json": json.dumps([long])}, {"a": {"file_name": "a.json"}})
+    with pytest.raises(DataError) as err:
+        prepare(dcfg(d, ["a"], tmp_path, cutoff_len=64, overlong=overlong), template(), tokenizer, TOKENIZER_DIR, 0)
+    assert needle in str(err.value)
+    if overlong == "truncate":
+        assert "overlong=truncate\"" not in str(err.value) and "use dataset.overlong" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["a.json", "a.jsonl"])
+def test_text_that_is_not_utf8_is_named_with_its_byte_offset(name: str, tmp_path: Path, tokenizer) -> None:
+    d = data_dir(tmp_path, {}, {"a": {"file_name": name}})
+    good = json.dumps(ALPACA_OK).encode()
+    if name.endswith(".jsonl"):  # line 2 starts after the first line and its newline
+        (d / name).write_bytes(good + b"\n" + b'{"instruction": "\xbf\xf0", "output": "a"}\n')
+        offset = len(good) + 1 + len('{"instruction": "')
+    else:
+        (d / name).write_bytes(b'[{"instruction": "q\xff", "output": "a"}]')
+        offset = len('[{"instruction": "q')
+    with pytest.raises(DataError) as err:
+        prepare(dcfg(d, ["a"], tmp_path), template(), tokenizer, TOKENIZER_DIR, 0)
+    assert str(err.value).startswith(f"{d / name}: not UTF-8 at byte {offset} "), str(err.value)
+
+
+@pytest.mark.parametrize("text,what", [("", "is empty"), ("[]", "holds no records"), ("\n\n", "is empty")])
+def test_a_file_without_records_is_named(text: str, what: str, tmp_path: Path, tokenizer) -> None:
+    d = data_dir(tmp_path, {"a.json": json.dumps([ALPACA_OK]), "b.json": text},
+                 {"a": {"file_name": "a.json"}, "b": {"file_name": "b.json"}})
+    with pytest.raises(DataError) as err:
+        prepare(dcfg(d, ["a", "b"], tmp_path), template(), tokenizer, TOKENIZER_DIR, 0)
+    assert str(err.value).startswith(f"{d / 'b.json'} {what}: add records, or leave it out of 'b'"), str(err.value)
+    # Skipping: the file is reported, and with nothing else to train on the error names the files read.
+    _, stats, _ = prepare(dcfg(d, ["a", "b"], tmp_path, on_error="skip"), template(), tokenizer, TOKENIZER_DIR, 0)
+    assert stats.used == 1 and stats.errors[0].startswith(f"{d / 'b.json'} {what}")
+    with pytest.raises(DataError) as err:
+        prepare(dcfg(d, ["b"], tmp_path, on_error="skip"), template(), tokenizer, TOKENIZER_DIR, 0)
+    assert str(err.value).startswith(f"no usable records in b under {d} ({d / 'b.json'}): 0 read"), str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------ the CLI

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from launcher.integrity import write_manifest
 from launcher.preflight import free_port
 from tests.conftest import ROOT, run_launcher
 
@@ -268,6 +269,7 @@ def test_lora_checkpoint_without_the_frozen_base(zero3_lora: Path, tmp_path: Pat
         state = torch.load(f, weights_only=False)
         state["frozen_param_shapes"], state["frozen_param_fragments"] = {}, {}
         torch.save(state, f)
+    write_manifest(ckpt)  # (a checkpoint written that way would have this manifest)
     m = merged_ok(merge(run), run / "merged" / "step-2")
     assert "base weights of" in m["source"]["layout"] and m["verification"]["max_logit_diff"] <= 1e-5
     assert_peft_merge(run, run / "merged" / "step-2")
@@ -337,10 +339,14 @@ def _break_config(run: Path) -> None:
 BREAKAGES = {
     # name: (how to break the copy, words the one-paragraph error must contain)
     "incomplete": (lambda run, ckpt: (ckpt / "COMPLETE").unlink(), ["step-2", "COMPLETE"]),
+    # (the manifest check names these; tests/test_checkpoint_safety.py has damage in the middle of a file)
     "missing_rank": (lambda run, ckpt: (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink(),
-                     ["zero_pp_rank_1_mp_rank_00_optim_states.pt", "2 ranks"]),
-    "truncated": (lambda run, ckpt: _break_truncate(ckpt), ["zero_pp_rank_1_mp_rank_00_optim_states.pt", "damaged"]),
-    "no_weights": (lambda run, ckpt: [f.unlink() for f in ckpt.glob("*_states.pt")], ["holds no model weights"]),
+                     ["zero_pp_rank_1_mp_rank_00_optim_states.pt is missing"]),
+    "truncated": (lambda run, ckpt: _break_truncate(ckpt), ["zero_pp_rank_1_mp_rank_00_optim_states.pt has",
+                                                            "cut short"]),
+    # A self-consistent checkpoint (manifest rewritten) without weights: the reader's own check names it.
+    "no_weights": (lambda run, ckpt: ([f.unlink() for f in ckpt.glob("*_states.pt")], write_manifest(ckpt)),
+                   ["holds no model weights"]),
     "config_edited": (lambda run, ckpt: _break_config(run), ["does not match", "tensor(s) missing"]),
     "no_checkpoint": (lambda run, ckpt: shutil.rmtree(run / "checkpoints"), ["no complete checkpoint"]),
 }
@@ -375,6 +381,7 @@ def test_non_finite_weights_are_refused(single_full, tmp_path: Path, capsys) -> 
     state = torch.load(ckpt / "state.pt", weights_only=True)
     state["model"]["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
     torch.save(state, ckpt / "state.pt")
+    write_manifest(ckpt)  # a checkpoint saved with a NaN in it: intact, and still refused
     rc, err = merge_in_process(capsys, run)
     assert rc == 2 and "not finite" in err and "model.layers.1.mlp.up_proj.weight" in err, err
     assert not (run / "merged").exists()

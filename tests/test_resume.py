@@ -10,6 +10,7 @@ The uninterrupted references are the runs of tests/test_backends.py (trained onc
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from launcher.checkpoint import COMPLETE, complete_checkpoints, config_changes
 from tests.conftest import ROOT, run_launcher
@@ -126,21 +128,47 @@ def test_resuming_with_other_training_settings_is_refused(tmp_path_factory, tmp_
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("backend", ["fsdp"])  # deepspeed: tests/test_train_integration.py (a raising rank)
-def test_a_killed_rank_ends_the_job(tmp_path: Path, backend: str) -> None:
+def test_a_killed_rank_ends_the_job_and_is_named(tmp_path: Path) -> None:
+    """kill -9 of rank 1's training process (FSDP, via accelerate/torchrun; DeepSpeed: a raising rank in
+    tests/test_train_integration.py): the job ends within seconds, nothing is left, rank 1 is named with the
+    signal, and rank 0, which failed only because its peer vanished, is one line, not a traceback."""
     run_dir = tmp_path / "run"
-    proc = _start(f"backend={backend}", "launcher.nproc_per_node=2", "train.max_steps=500", "train.log_every=1",
+    proc = _start("backend=fsdp", "launcher.nproc_per_node=2", "train.max_steps=500", "train.log_every=1",
                   "dataset.cutoff_len=128", f"hydra.run.dir={run_dir}")
     seen: dict[int, psutil.Process] = {}
     _wait_for_step(proc, run_dir, 1, seen)
-    victim = next(p for p in seen.values() if "launcher.train" in " ".join(p.cmdline()))
+    victim = next(p for p in seen.values() if p.cmdline()[-3:-1] == ["-m", "launcher.train"]
+                  and p.environ().get("RANK") == "1")
     victim.kill()
     t0 = time.time()
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode not in (0, 75), out[-3000:]
     assert time.time() - t0 < 60, f"took {time.time() - t0:.0f}s to notice"
-    assert "workers failed" in out
+    assert "rank 1 failed first: killed by SIGKILL (9)" in out, out[-3000:]
+    assert "rank 0 then stopped because a peer vanished" in out
+    assert f'File "{ROOT / "launcher"}' not in out, "no rank prints a traceback"  # (accelerate's CLI does)
     assert not _alive(seen), _alive(seen)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_workers_end_when_their_launcher_dies(tmp_path: Path) -> None:
+    """kill -9 of the launcher: its ranks (behind the deepspeed CLI) end within seconds and remove their
+    /dev/shm buffers."""
+    run_dir = tmp_path / "run"
+    proc = _start("backend=deepspeed_zero3", "launcher.nproc_per_node=2", "train.max_steps=500",
+                  "train.log_every=1", "dataset.cutoff_len=128", f"hydra.run.dir={run_dir}")
+    seen: dict[int, psutil.Process] = {}
+    _wait_for_step(proc, run_dir, 1, seen)
+    port = next(p.environ()["MASTER_PORT"] for p in seen.values() if "launcher.train" in p.cmdline())
+    assert list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")), "the test needs shm buffers"
+    proc.kill()
+    proc.communicate(timeout=60)
+    end = time.time() + 60
+    while _alive(seen) and time.time() < end:
+        time.sleep(0.2)
+    assert not _alive(seen), _alive(seen)
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 @pytest.mark.slow
@@ -242,3 +270,131 @@ def test_sequence_parallel_resume_continues_exactly(tmp_path_factory, tmp_path: 
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"resuming from {run_dir}/checkpoints/step-6" in r.stderr
     assert losses_of(run_dir) == ref.losses
+
+
+def test_failure_report_survives_empty_and_garbled_error_files(tmp_path: Path) -> None:
+    from launcher.failures import failure_report, write_record
+
+    errors = tmp_path / "errors"
+    errors.mkdir()
+    (errors / "rank-0.txt").write_text("")  # a full disk: created, nothing written
+    (errors / "rank-2.txt").write_bytes(b"not-a-time \xff\nValueError: x")
+    assert failure_report(tmp_path, 1)[0].startswith("workers failed (exit code 1); rank ")
+    # The first rank that failed by itself is named, not one that only lost its peer, whatever the order.
+    shutil.rmtree(errors)
+    write_record(tmp_path, "0", "peer_lost", "RuntimeError: Connection reset by peer", when=1.0)
+    write_record(tmp_path, "1", "signal", "killed by SIGKILL (9): kill -9", when=2.0)
+    write_record(tmp_path, "1", "error", "later, ignored", when=3.0)  # the first record of a rank stays
+    lines = failure_report(tmp_path, 137)
+    assert lines[0] == "workers failed (exit code 137); rank 1 failed first: killed by SIGKILL (9): kill -9"
+    assert lines[1].startswith("rank 0 then stopped because a peer vanished")
+    shutil.rmtree(errors)
+    assert "killed by SIGKILL (9)" in failure_report(tmp_path, -9)[0]  # no records at all
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_without_saving_that_state(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    r = run_launcher("backend=single", "train.max_steps=4", "train.save_steps=1", "optimizer.lr=1e10",
+                     "optimizer.warmup_ratio=0", "dataset.cutoff_len=128", f"hydra.run.dir={run_dir}", timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert (f"step 2: loss nan, gradient norm nan: training stopped and nothing of this state was saved; the last "
+            f"good checkpoint is {run_dir / 'checkpoints' / 'step-1'}") in r.stderr, r.stderr[-2000:]
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["step-1"] and "Traceback" not in r.stderr
+
+
+def test_skip_mode_leaves_weights_and_optimizer_as_they_were() -> None:
+    from omegaconf import OmegaConf
+
+    from launcher.backends.base import clip_and_step, make_optimizer
+    from launcher.config import Config
+
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), {
+        "model": {"name_or_path": "x"}, "template": {"name": "x"}, "dataset": {}, "optimizer": {}, "backend": {},
+        "finetune": {}, "train": {"nonfinite": "skip"}}))
+    model = torch.nn.Linear(3, 2)
+    opt, sched = make_optimizer(cfg, list(model.parameters()), 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model(torch.tensor([[float("nan"), 1.0, 2.0]])).sum().backward()
+    assert not math.isfinite(clip_and_step(cfg, model, opt, sched))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not opt.state
+    model(torch.ones(1, 3)).sum().backward()
+    assert math.isfinite(clip_and_step(cfg, model, opt, sched)) and opt.state  # a finite step still applies
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_named_and_the_previous_checkpoint_stays(tmp_path: Path) -> None:
+    """The run directory on a 100 MB tmpfs: the first 60 MB checkpoint fits, the second does not."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("needs permission to mount a small tmpfs")
+    try:
+        run_dir = disk / "run"
+        r = run_launcher("backend=single", "train.max_steps=2", "train.save_steps=1", "dataset.cutoff_len=128",
+                         f"hydra.run.dir={run_dir}", timeout=300)
+        assert r.returncode == 1, r.stderr[-2000:]
+        ckpts = run_dir / "checkpoints"
+        assert f"no space left on device for checkpoint step-2 in {ckpts}: it needs about " in r.stderr
+        assert " were free. The partial save was removed; " in r.stderr and "Traceback" not in r.stderr
+        assert sorted(os.listdir(ckpts)) == ["step-1"] and (ckpts / "step-1" / COMPLETE).is_file()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_resuming_on_changed_data_is_refused_unless_accepted(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "llamafactory_data", data)
+    run_dir = tmp_path / "run"
+    common = ("backend=single", f"dataset.dir={data}", "dataset.names=[alpaca_ko,sharegpt_ko]",
+              "dataset.cutoff_len=128", "train.save_steps=1", f"dataset.cache_dir={tmp_path / 'cache'}",
+              f"hydra.run.dir={run_dir}")
+    r = run_launcher(*common, "train.max_steps=2", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = json.loads((data / "alpaca_ko.json").read_text())
+    records[3]["output"] = "SELECT 1;"  # one record edited
+    (data / "alpaca_ko.json").write_text(json.dumps(records, ensure_ascii=False))
+    r = run_launcher(*common, "train.max_steps=3", timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"these data files changed: {data / 'alpaca_ko.json'} (changed). Its data cursor" in r.stderr
+    assert "resume_new_data=true" in r.stderr and "Traceback" not in r.stderr
+    r = run_launcher(*common, "train.max_steps=3", "resume_new_data=true", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"WARNING: resume_new_data=true: these data files changed: {data / 'alpaca_ko.json'} (changed)" in r.stderr
+    assert "the data cursor starts again at the beginning of the new data" in r.stdout + r.stderr
+    state = json.loads((run_dir / "checkpoints" / "step-3" / "trainer_state.json").read_text())
+    assert state["micro_batch"] == 2  # one step (grad_accum=2 micro-batches) into the new data, not 3 steps
+
+
+def test_a_base_exception_in_a_rank_is_recorded(tmp_path: Path, monkeypatch) -> None:
+    """DCP's CheckpointException derives from BaseException: the rank's error record must still be written."""
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    import launcher.train
+    from launcher.failures import failure_report
+
+    def fails(_run_dir: str) -> None:
+        raise CheckpointException("save", {0: (OSError(28, "No space left on device"), traceback.extract_stack())})
+
+    monkeypatch.setattr(launcher.train, "run", fails)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(CheckpointException):
+        launcher.train.main([str(tmp_path)])
+    assert "CheckpointException" in (tmp_path / "errors" / "rank-1.txt").read_text()
+    assert failure_report(tmp_path, 1)[0].startswith("workers failed (exit code 1); rank 1 failed first: ")
+
+
+def test_out_of_space_is_recognised_inside_dcp_failures() -> None:
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from launcher.checkpoint import out_of_space
+
+    full = CheckpointException("save", {1: (OSError(28, "No space left on device"), traceback.extract_stack())})
+    other = CheckpointException("save", {1: (ValueError("bad"), traceback.extract_stack())})
+    assert out_of_space(full) and not out_of_space(other) and out_of_space(OSError(28, "x"))

@@ -21,6 +21,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from launcher.checkpoint import CheckpointError
 from launcher.config import Config, resolve_path
 from launcher.planner import MemoryPlan, ModelShape
+from launcher.safe_load import torch_load
 
 if TYPE_CHECKING:
     from launcher.runspec import RunSpec  # (imported for annotations only: launcher.config imports this package)
@@ -77,13 +78,15 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def clip_and_step(cfg: Config, model: torch.nn.Module, opt: torch.optim.Optimizer, sched) -> float:
     """Clip gradients to ``optimizer.max_grad_norm`` (0: no clipping), step optimizer and schedule, zero the
-    gradients; return the norm before clipping (for FSDP2 the norm over every rank's shards)."""
+    gradients; return the norm before clipping (for FSDP2 the norm over every rank's shards). A non-finite norm
+    with ``train.nonfinite=skip`` leaves weights and optimizer state as they were."""
     clip = cfg.optimizer.max_grad_norm
     norm = torch.nn.utils.clip_grad_norm_(trainable(model), clip if clip > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # a DTensor (FSDP2): its local value covers this rank's shards only
         norm = norm.full_tensor()
-    opt.step()
-    sched.step()
+    if torch.isfinite(norm) or cfg.train.nonfinite == "stop":  # stop: the loop stops, and saves nothing of it
+        opt.step()
+        sched.step()
     opt.zero_grad(set_to_none=True)
     return float(norm)
 
@@ -138,14 +141,13 @@ def damaged(path: Path, err: BaseException) -> CheckpointError:
                            f"checkpoints/step-N folder) or train again from the last good one.")
 
 
-def load_pt(path: Path, weights_only: bool) -> Any:
-    """torch.load memory-mapped (pages are read only when a tensor is used); damage becomes a CheckpointError.
-
-    ``weights_only=False`` is needed for DeepSpeed's files (they pickle DeepSpeed enums); they were written by
-    this project's own workers.
-    """
+def load_pt(path: Path) -> Any:
+    """torch.load weights-only (launcher/safe_load.py: DeepSpeed's enums allow-listed, nothing else) and
+    memory-mapped (pages are read only when a tensor is used); damage becomes a CheckpointError."""
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+        return torch_load(path, where=path, map_location="cpu", mmap=True)
+    except CheckpointError:
+        raise
     except Exception as err:
         raise damaged(path, err) from None
 
@@ -196,6 +198,7 @@ class BackendKind:
         # Without this each CPU worker starts one thread per core and they fight (≈15× slower on 2 cores).
         env.setdefault("OMP_NUM_THREADS", str(threads))
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env["LAUNCHER_PID"] = str(os.getpid())  # the ranks' supervisors (launcher/worker.py) end them if it dies
         return env
 
     def after_workers(self, cfg: Config, spec: RunSpec) -> None:

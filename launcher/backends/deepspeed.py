@@ -32,6 +32,8 @@ from launcher.checkpoint import CheckpointError
 from launcher.config import Config, ConfigError, resolve_path
 from launcher.model import compute_dtype, model_dir
 from launcher.planner import MemoryPlan, ModelShape
+from launcher.safe_load import guard_deepspeed
+from launcher.worker import remove_shm_buffers
 
 if TYPE_CHECKING:
     from launcher.runspec import RunSpec
@@ -168,6 +170,7 @@ class DeepSpeedBackend(ProcessGroupMixin):
                                     exclude_frozen_parameters=self.cfg.finetune.method != "full")
 
     def load(self, directory: Path) -> None:
+        guard_deepspeed(self.engine)  # its loader would unpickle anything
         path, _ = self.engine.load_checkpoint(
             str(directory.parent), tag=directory.name, load_module_strict=self.cfg.finetune.method == "full",
             load_optimizer_states=True, load_lr_scheduler_states=True)
@@ -220,13 +223,13 @@ class ZeroReader:
         from deepspeed.checkpoint import constants as C  # see the module docstring
 
         ckpt = self.ckpt
-        states = [load_pt(f, weights_only=False) for f in self.model_files]
+        states = [load_pt(f) for f in self.model_files]
         world = int(states[0].get("dp_world_size") or 1)
         if not self.optim_files:
             raise CheckpointError(f"{ckpt} has no *_optim_states.pt files: the float32 weights of a DeepSpeed "
                                   f"checkpoint live there, one file per rank ({world} expected).")
         self._missing_ranks(self.optim_files, world, "optim_states")
-        optim = [load_pt(f, weights_only=False)["optimizer_state_dict"] for f in self.optim_files]
+        optim = [load_pt(f)["optimizer_state_dict"] for f in self.optim_files]
         self.stage = int(optim[0][C.ZERO_STAGE])
         self.kind = f"DeepSpeed ZeRO-{self.stage} ({world} ranks)"
         if self.stage == 3:
@@ -353,7 +356,7 @@ class DeepSpeed(BackendKind):
             # Each node's launcher starts only its own workers: no ssh/pdsh between nodes.
             cmd += ["--hostfile", str(hostfile(spec)), "--no_ssh", "--num_nodes", str(spec.nnodes),
                     "--node_rank", str(cfg.launcher.node_rank)]
-        return cmd + ["--module", "launcher.train", spec.run_dir]
+        return cmd + ["--module", "launcher.worker", spec.run_dir]  # each rank's supervisor: launcher/worker.py
 
     def worker_env(self, cfg: Config, nproc: int) -> dict[str, str]:
         env = super().worker_env(cfg, nproc)
@@ -364,9 +367,7 @@ class DeepSpeed(BackendKind):
     def after_workers(self, cfg: Config, spec: RunSpec) -> None:
         """Delete the shared-memory all-reduce buffers DeepSpeed's CPU backend leaves in /dev/shm (66 MiB per
         rank, held in RAM until deleted). They are named after the rendezvous address and port: only this job's go."""
-        addr, port = spec.master_addr, spec.master_port
-        for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_*"):
-            leftover.unlink(missing_ok=True)
+        remove_shm_buffers(spec.master_addr, spec.master_port)
 
     def config_problems(self, cfg: Config) -> list[str]:
         return super().config_problems(cfg) + config_file_problems(

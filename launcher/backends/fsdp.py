@@ -29,7 +29,6 @@ import torch.distributed.checkpoint as dcp
 from accelerate import Accelerator, FullyShardedDataParallelPlugin
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, fsdp2_apply_ac, fsdp2_prepare_model
 from omegaconf import OmegaConf
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
@@ -42,6 +41,7 @@ from launcher.checkpoint import CheckpointError
 from launcher.config import Config, ConfigError, resolve_path
 from launcher.model import compute_dtype
 from launcher.planner import MemoryPlan, ModelShape
+from launcher.safe_load import SafePlanner, SafeReader, torch_load
 
 if TYPE_CHECKING:
     from launcher.runspec import RunSpec
@@ -141,13 +141,13 @@ class FSDPBackend(ProcessGroupMixin):
     def load(self, directory: Path) -> None:
         opts = self._options()
         model_sd = get_model_state_dict(self.model, options=opts)
-        dcp.load(model_sd, checkpoint_id=str(directory / "model"))
+        dcp.load(model_sd, storage_reader=SafeReader(directory / "model"), planner=SafePlanner())
         set_model_state_dict(self.model, model_sd, options=opts)
         # get_optimizer_state_dict creates the AdamW state (with a zero-lr step) so DCP has tensors to fill.
         optim_sd = get_optimizer_state_dict(self.model, self.opt, options=opts)
-        dcp.load(optim_sd, checkpoint_id=str(directory / "optimizer"))
+        dcp.load(optim_sd, storage_reader=SafeReader(directory / "optimizer"), planner=SafePlanner())
         set_optimizer_state_dict(self.model, self.opt, optim_sd, options=opts)
-        self.sched.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+        self.sched.load_state_dict(torch_load(directory / "scheduler.pt", where=directory / "scheduler.pt"))
 
 
 class DcpReader:
@@ -162,7 +162,9 @@ class DcpReader:
             raise CheckpointError(f"{folder} has no .metadata file, so the sharded (FSDP) save did not finish; "
                                   f"merge another checkpoint of this run.")
         try:
-            md = FileSystemReader(str(folder)).read_metadata()
+            md = SafeReader(str(folder)).read_metadata()
+        except CheckpointError:
+            raise
         except Exception as err:
             raise damaged(folder / ".metadata", err) from None
         self._meta = {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
@@ -189,7 +191,9 @@ class DcpReader:
             try:
                 with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                     warnings.simplefilter("ignore", UserWarning)
-                    dcp.load(want, storage_reader=FileSystemReader(str(self.folder)), no_dist=True)
+                    dcp.load(want, storage_reader=SafeReader(str(self.folder)), planner=SafePlanner(), no_dist=True)
+            except CheckpointError:
+                raise
             except Exception as err:
                 raise damaged(self.folder, err) from None
             self._cache.update(want)
@@ -216,7 +220,7 @@ class FSDP(BackendKind):
                 "--num_processes", str(spec.world_size), "--num_machines", str(spec.nnodes),
                 "--machine_rank", str(cfg.launcher.node_rank), "--main_process_ip", spec.master_addr,
                 "--main_process_port", str(spec.master_port), "--mixed_precision", "bf16" if bf16 else "no",
-                "--max_restarts", "0", "--module", "launcher.train", spec.run_dir]
+                "--max_restarts", "0", "--module", "launcher.worker", spec.run_dir]
 
     def worker_env(self, cfg: Config, nproc: int) -> dict[str, str]:
         env = super().worker_env(cfg, nproc)

@@ -18,6 +18,7 @@ from launcher.checkpoint import CheckpointError
 from launcher.config import Config
 from launcher.model import compute_dtype
 from launcher.planner import MemoryPlan, ModelShape
+from launcher.safe_load import torch_load
 
 if TYPE_CHECKING:
     from launcher.runspec import RunSpec
@@ -69,7 +70,7 @@ class SingleBackend:
                    directory / "state.pt")
 
     def load(self, directory: Path) -> None:
-        state = torch.load(directory / "state.pt", map_location=self.device, weights_only=True)
+        state = torch_load(directory / "state.pt", where=directory / "state.pt", map_location=self.device)
         missing = self._saved_keys() - set(state["model"])
         if missing:
             raise RuntimeError(f"{directory}/state.pt lacks {len(missing)} weights, e.g. {sorted(missing)[0]}")
@@ -96,7 +97,7 @@ class SingleReader:
 
     def _open(self) -> dict[str, torch.Tensor]:
         if self._sd is None:
-            state = load_pt(self.path, weights_only=True)
+            state = load_pt(self.path)
             if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
                 raise CheckpointError(f"{self.path} has no 'model' state: it was not written by this project's "
                                       f"single backend, or it is damaged. Merge another checkpoint of this run.")
