@@ -70,7 +70,7 @@ def prepare_run(cfg: Config, spec: RunSpec) -> None:
     plan = load_plan(plan_path(data_path, "train"))
     say(f"data: {stats.used} records for training, {stats.eval_records} held out, "
         f"{stats.dropped_errors} dropped for errors, {stats.dropped_overlong} dropped for length, "
-        f"{stats.truncated} truncated; {stats.tokens:,} tokens ({stats.supervised_tokens:,} supervised) "
+        f"{stats.truncated} truncated, {stats.prompt_cut} with their prompt cut; {stats.tokens:,} tokens ({stats.supervised_tokens:,} supervised) "
         f"[{'cache hit' if hit else f'prepared in {time.time() - t0:.1f}s'}: {data_path}]")
     if stats.mix.get("mixed"):
         from launcher.mixing import mix_table
@@ -293,6 +293,10 @@ def run(dcfg: DictConfig) -> int:
     spec = RunSpec(run_dir=str(run_dir), nproc_per_node=nproc, nnodes=lc.nnodes,
                    world_size=backend.world_size(cfg, nproc), master_addr=lc.master_addr,
                    master_port=free_port() if lc.master_port is None else lc.master_port)
+    if cfg.parallel.sequence > 1:
+        from launcher.sequence import check as check_sequence
+
+        check_sequence(cfg, spec.world_size)
     memory_plan = None
     if cfg.planner.enabled:  # before anything is prepared: a job that cannot fit stops here
         from launcher.planner import check_memory

@@ -42,8 +42,10 @@ def resolve(attn_implementation: str, packing: bool) -> str:
 
 
 def attention_of(cfg: Any) -> str:
-    """The attention implementation a run's model loads with (``cfg``: a launcher ``Config``)."""
-    return resolve(cfg.model.attn_implementation, cfg.dataset.packing)
+    """The attention implementation a run's model loads with (``cfg``: a launcher ``Config``). With sequence
+    parallelism ``auto`` is sdpa: DeepSpeed's Ulysses wrapper is installed in its place and keeps packed records
+    apart itself (launcher.sequence)."""
+    return resolve(cfg.model.attn_implementation, cfg.dataset.packing and cfg.parallel.sequence == 1)
 
 
 @lru_cache(maxsize=None)

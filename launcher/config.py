@@ -114,7 +114,11 @@ class DatasetConfig:
     val_size: float = 0.0  # fraction (<1) or count (>=1) of records held out for evaluation
     cutoff_len: int = 1024  # tokens per packed row (and the longest record kept)
     packing: bool = True
-    overlong: str = "truncate"  # records longer than cutoff_len: "truncate" (earlier turns go first) or "drop"
+    # Records longer than cutoff_len: "truncate" (earlier turns go first, then the end of the last reply), "drop",
+    # or "cut_prompt" (every reply kept whole: the longest user message loses text from its end, then the other
+    # user messages, earliest first; a record whose replies alone do not fit is dropped). All counted in the
+    # data report (python -m launcher.inspect_data).
+    overlong: str = "truncate"
     on_error: str = "raise"  # malformed records: "raise" or "skip" (skips are counted and reported)
     train_on_prompt: bool = False
     mask_history: bool = False  # train only the last assistant turn
@@ -178,6 +182,11 @@ class TrainerConfig:
     log_every: int = 1
     save_steps: int = 0  # 0: only at the end
     save_total_limit: int = 2
+    # The loss computes logits for at most this many supervised positions at a time and never holds fp32
+    # [tokens × vocab] logits (launcher/loss.py); 0: the plain path (the model's full logits, upcast to fp32).
+    # Same loss and gradients either way; smaller chunks use less memory (each chunk's logits are recomputed in
+    # backward, one extra output-head matmul over the supervised positions).
+    loss_chunk_tokens: int = 2048
     # A step whose loss or gradient norm is not finite: "stop" (no checkpoint of that state is written; exit
     # non-zero, naming the last good checkpoint) or "skip" (the update is not applied; single and fsdp backends).
     nonfinite: str = "stop"
@@ -313,6 +322,16 @@ class EvalConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How ranks split the work beyond data parallelism."""
+
+    # Sequence parallelism (DeepSpeed backends): every packed row is split over this many ranks, which exchange
+    # attention heads for sequence with DeepSpeed's Ulysses all-to-all; data parallelism is world / sequence.
+    # Loss and gradients are those of sequence=1 at the same global batch; per-rank activations shrink ~1/N.
+    sequence: int = 1
+
+
+@dataclass
 class PlannerConfig:
     """The memory planner that runs before any worker starts (launcher/planner.py)."""
 
@@ -339,6 +358,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     name: str = "default"
     output_dir: str = "outputs"
     dry_run: bool = False
@@ -460,7 +480,7 @@ def validate(cfg: Config) -> None:
     _choice(e, "model.attn_implementation", cfg.model.attn_implementation,
             ("auto", "packed", "sdpa", "eager", "flash_attention_2", "flash_attention_3"))
     _choice(e, "finetune.method", cfg.finetune.method, ("full", "lora", "qlora"))
-    _choice(e, "dataset.overlong", cfg.dataset.overlong, ("truncate", "drop"))
+    _choice(e, "dataset.overlong", cfg.dataset.overlong, ("truncate", "drop", "cut_prompt"))
     _choice(e, "dataset.on_error", cfg.dataset.on_error, ("raise", "skip"))
     _choice(e, "train.nonfinite", cfg.train.nonfinite, ("stop", "skip"))
     if cfg.train.nonfinite == "skip" and cfg.backend.name == "deepspeed":
@@ -493,6 +513,16 @@ def validate(cfg: Config) -> None:
     for key in ("micro_batch_size", "grad_accum", "log_every"):
         if getattr(cfg.train, key) < 1:
             e.append(f"train.{key}={getattr(cfg.train, key)} must be at least 1.")
+    if cfg.parallel.sequence < 1:
+        e.append(f"parallel.sequence={cfg.parallel.sequence} must be at least 1.")
+    elif cfg.parallel.sequence > 1:  # the backend's part: launcher.backends (config_problems)
+        if cfg.model.attn_implementation not in ("sdpa", "auto"):
+            e.append(f"parallel.sequence={cfg.parallel.sequence} needs model.attn_implementation=auto or sdpa (got "
+                     f"{cfg.model.attn_implementation!r}): the sequence-parallel attention keeps packed records "
+                     f"apart with sdpa and a block-diagonal mask.")
+    if cfg.train.loss_chunk_tokens < 0:
+        e.append(f"train.loss_chunk_tokens={cfg.train.loss_chunk_tokens} is negative: use a chunk size such as 2048, "
+                 f"or 0 for the plain loss over full logits.")
     if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
         e.append("train.epochs and train.max_steps are both non-positive: set train.epochs=1 or train.max_steps=N.")
     if cfg.optimizer.lr <= 0:

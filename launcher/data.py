@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from launcher.config import DatasetConfig, TemplateConfig, resolve_path
+from launcher.cut_prompt import encode_cut_prompt
 from launcher.messages import normalize_tools, parse_tool_calls
 from launcher.mixing import MixError, mix_split, resolve as resolve_mix
 from launcher.templates import Template, TemplateError
@@ -349,8 +350,11 @@ class DataStats:
     used: int = 0  # training records
     eval_records: int = 0
     dropped_errors: int = 0  # malformed records skipped with dataset.on_error=skip
-    dropped_overlong: int = 0  # no trained token fits cutoff_len, or longer than it with dataset.overlong=drop
+    # no trained token fits cutoff_len, or longer than it with dataset.overlong=drop, or (cut_prompt) the replies
+    # and markup alone are longer than it
+    dropped_overlong: int = 0
     truncated: int = 0  # kept, with earlier turns (or the end of the last reply) cut to fit
+    prompt_cut: int = 0  # kept with dataset.overlong=cut_prompt: replies whole, user text cut to fit
     tokens: int = 0  # training tokens
     supervised_tokens: int = 0  # training tokens with a loss
     per_dataset: dict[str, int] = field(default_factory=dict)  # records read per dataset name
@@ -362,7 +366,8 @@ class DataStats:
 def _code_hash() -> bytes:
     """The code that decides what a prepared dataset contains; a change to it invalidates the cache."""
     here = Path(__file__).parent
-    return b"".join((here / f).read_bytes() for f in ("data.py", "messages.py", "templates.py", "packing.py", "mixing.py"))
+    files = ("data.py", "messages.py", "templates.py", "cut_prompt.py", "packing.py", "mixing.py")
+    return b"".join((here / f).read_bytes() for f in files)
 
 
 def file_digests(entries: list[DatasetEntry]) -> dict[str, str]:
@@ -469,15 +474,18 @@ def _records(entries: tuple[DatasetEntry, ...], cfg: DatasetConfig, template: Te
 
 
 def _encode(batch: dict[str, list], template: Template, cutoff_len: int, train_on_prompt: bool,
-            mask_history: bool, drop_truncated: bool) -> dict[str, list]:
+            mask_history: bool, overlong: str) -> dict[str, list]:
     """Batched map function: conversations -> input_ids, labels, length (+ counters dropped after summing)."""
     tools = [json.loads(t) if t else None for t in batch["tools"]]
-    encoded = template.encode_batch(batch["messages"], cutoff_len, train_on_prompt=train_on_prompt,
-                                    mask_history=mask_history, tools=tools)
+    masking = {"train_on_prompt": train_on_prompt, "mask_history": mask_history}
+    if overlong == "cut_prompt":
+        encoded = encode_cut_prompt(template, batch["messages"], cutoff_len, tools, **masking)
+    else:
+        encoded = template.encode_batch(batch["messages"], cutoff_len, tools=tools, **masking)
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "supervised": [], "truncated": [],
                             "source": []}
     for enc, source in zip(encoded, batch["source"]):
-        if enc is None or (enc.truncated and drop_truncated):
+        if enc is None or (enc.truncated and overlong == "drop"):
             continue  # counted as dropped for length: rows in minus rows out
         out["input_ids"].append(enc.input_ids)
         out["labels"].append(enc.labels)
@@ -501,7 +509,12 @@ def _all_too_long(cfg: DatasetConfig) -> DataError:
     if cfg.overlong == "drop":
         return DataError(f"every record is longer than dataset.cutoff_len={cfg.cutoff_len} tokens and "
                          f"dataset.overlong=drop drops such records: raise dataset.cutoff_len, or set "
-                         f"dataset.overlong=truncate to keep their latest turns.")
+                         f"dataset.overlong=truncate to keep their latest turns (cut_prompt: their replies).")
+    if cfg.overlong == "cut_prompt":
+        return DataError(f"every record was dropped: even with their user text cut away "
+                         f"(dataset.overlong=cut_prompt), the replies and markup of each are longer than "
+                         f"dataset.cutoff_len={cfg.cutoff_len} tokens. Raise dataset.cutoff_len, or use "
+                         f"dataset.overlong=truncate (which may cut the end of a reply).")
     trained = "any token" if cfg.train_on_prompt else (
         "the last assistant reply" if cfg.mask_history else "an assistant reply")
     return DataError(f"every record was dropped: even truncated (earliest turns first, as dataset.overlong=truncate "
@@ -571,7 +584,7 @@ def prepare(cfg: DatasetConfig, template_cfg: TemplateConfig, tokenizer: Any, to
                 remove_columns=raw.column_names, new_fingerprint=f"{key}-tokens", desc="Tokenizing",
                 fn_kwargs={"template": template, "cutoff_len": cfg.cutoff_len,
                            "train_on_prompt": cfg.train_on_prompt, "mask_history": cfg.mask_history,
-                           "drop_truncated": cfg.overlong == "drop"},
+                           "overlong": cfg.overlong},
                 features=datasets.Features({
                     "input_ids": datasets.List(datasets.Value("int32")),
                     "labels": datasets.List(datasets.Value("int32")),
@@ -600,7 +613,8 @@ def prepare(cfg: DatasetConfig, template_cfg: TemplateConfig, tokenizer: Any, to
                 stats.used = len(part)
                 stats.tokens = _column_sum(counts, "length")
                 stats.supervised_tokens = _column_sum(counts, "supervised")
-                stats.truncated = _column_sum(counts, "truncated")
+                cut = _column_sum(counts, "truncated")
+                stats.prompt_cut, stats.truncated = (cut, 0) if cfg.overlong == "cut_prompt" else (0, cut)
             else:
                 stats.eval_records = len(part)
             part.remove_columns(["supervised", "truncated", "source"]).save_to_disk(str(tmp / name))

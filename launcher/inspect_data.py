@@ -75,8 +75,10 @@ def report(data_path: Path, stats: DataStats, tokenizer: Any, cutoff_len: int, s
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.error_reasons.items()))
     lines.append(f"dropped for errors:  {stats.dropped_errors}" + (f" ({reasons})" if reasons else ""))
     lines.append(f"dropped for length:  {stats.dropped_overlong} (no trained token fits cutoff_len={cutoff_len}, "
-                 f"or longer with dataset.overlong=drop)")
+                 f"or longer with dataset.overlong=drop, or replies alone too long with cut_prompt)")
     lines.append(f"truncated:           {stats.truncated} (earlier turns dropped to fit)")
+    lines.append(f"prompt cut:          {stats.prompt_cut} (replies whole, user text cut to fit: "
+                 f"dataset.overlong=cut_prompt)")
     frac = stats.supervised_tokens / max(stats.tokens, 1)
     lines.append(f"tokens:              {stats.tokens:,} ({stats.supervised_tokens:,} supervised, {frac:.1%})")
     lines += mix_table(stats.mix)

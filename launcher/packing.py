@@ -373,7 +373,7 @@ def pack_dataset(ds: Any, cutoff_len: int, packing: bool, out: Path) -> PackStat
 
 # --------------------------------------------------------------------------------------------- batches
 def collate(records: Sequence[Sequence[dict[str, Sequence[int]]]], pad_id: int,
-            flatten: bool = False) -> dict[str, torch.Tensor]:
+            flatten: bool = False, shard: tuple[int, int] = (0, 1)) -> dict[str, torch.Tensor]:
     """Rows of records -> ``input_ids``, pre-shifted ``labels``, per-record ``position_ids`` and the sequence
     boundaries.
 
@@ -386,6 +386,12 @@ def collate(records: Sequence[Sequence[dict[str, Sequence[int]]]], pad_id: int,
     sequence, and ``max_length_*``), which transformers hands to the attention function: the ``packed`` and
     flash-attention kernels compute each sequence on its own; sdpa and eager ignore them.
     ``num_tokens`` counts the real (non-padding) tokens.
+
+    ``shard=(k, n)`` (sequence parallelism): rows are padded at the tail to a multiple of ``n`` tokens and only
+    their ``k``-th of ``n`` equal slices is returned, ``num_tokens`` counting the real tokens of that slice. Labels
+    were shifted inside each record before slicing, so a record crossing a slice boundary keeps its targets. Such a
+    slice carries no sequence boundaries: the sequence-parallel attention finds the records of the whole row from
+    the gathered position ids (launcher.sequence).
     """
     recs = [rec for row in records for rec in row]
     lens = [len(rec["input_ids"]) for rec in recs]
@@ -397,7 +403,8 @@ def collate(records: Sequence[Sequence[dict[str, Sequence[int]]]], pad_id: int,
         return {"input_ids": torch.from_numpy(ids)[None], "labels": torch.from_numpy(labels)[None],
                 "position_ids": torch.from_numpy(pos)[None], "num_tokens": n_tokens, **boundaries(lens)}
     row_lens = [sum(len(rec["input_ids"]) for rec in row) for row in records]
-    width = max(row_lens)
+    piece, pieces = shard
+    width = -(-max(row_lens) // pieces) * pieces
     out_ids = np.full((len(records), width), pad_id, dtype=np.int64)
     out_labels = np.full((len(records), width), IGNORE_INDEX, dtype=np.int64)
     out_pos = np.tile(np.arange(width, dtype=np.int64), (len(records), 1))
@@ -408,6 +415,13 @@ def collate(records: Sequence[Sequence[dict[str, Sequence[int]]]], pad_id: int,
         out_pos[r, n:] = np.arange(width - n)
         start += n
         seqs += [len(rec["input_ids"]) for rec in row] + ([width - n] if n < width else [])
+    if pieces > 1:
+        part = slice(piece * width // pieces, (piece + 1) * width // pieces)
+        out_ids, out_labels, out_pos = out_ids[:, part], out_labels[:, part], out_pos[:, part]
+        n_tokens = torch.tensor(sum(max(0, min(m, part.stop) - part.start) for m in row_lens))
+        return {"input_ids": torch.from_numpy(np.ascontiguousarray(out_ids)),
+                "labels": torch.from_numpy(np.ascontiguousarray(out_labels)),
+                "position_ids": torch.from_numpy(np.ascontiguousarray(out_pos)), "num_tokens": n_tokens}
     return {"input_ids": torch.from_numpy(out_ids), "labels": torch.from_numpy(out_labels),
             "position_ids": torch.from_numpy(out_pos), "num_tokens": n_tokens, **boundaries(seqs)}
 
@@ -440,40 +454,54 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> TokenCounts:
 
 
 def packed_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of a collated batch: position ids and sequence boundaries, no KV cache and no attention mask, so
-    records stay apart.
+    """Logits of a collated batch (see :func:`forward_kwargs`)."""
+    return model(**forward_kwargs(batch)).logits
+
+
+def forward_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Forward arguments of a collated batch: position ids and sequence boundaries, no KV cache and no attention
+    mask, so records stay apart.
 
     Never add a 2-D attention mask or leave the cache on here: transformers then ignores the packed position ids
     and every record attends to the ones before it in its row.
     """
-    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                 cu_seq_lens_q=batch["cu_seq_lens_q"], cu_seq_lens_k=batch["cu_seq_lens_k"],
-                 max_length_q=int(batch["max_length_q"]), max_length_k=int(batch["max_length_k"])).logits
+    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+                              "use_cache": False}
+    if "cu_seq_lens_q" in batch:  # absent only from a sequence-parallel slice (see collate)
+        kwargs.update(cu_seq_lens_q=batch["cu_seq_lens_q"], cu_seq_lens_k=batch["cu_seq_lens_k"],
+                      max_length_q=int(batch["max_length_q"]), max_length_k=int(batch["max_length_k"]))
+    return kwargs
 
 
-def isolation_leak(model: torch.nn.Module, vocab_size: int, device: torch.device, flatten: bool = False) -> float:
+def isolation_leak(model: torch.nn.Module, vocab_size: int, device: torch.device, flatten: bool = False,
+                   shard: tuple[int, int] = (0, 1)) -> float:
     """How much one packed record's logits change when the record before it in the row is replaced (relative).
 
     Two rows ``[A, B]`` and ``[A', B]`` of the same shape go through :func:`packed_forward` together; if the model
     keeps records apart, B's logits are identical in both (0.0 measured with transformers 5.23 for Llama, Mistral,
     Qwen2, Gemma, GPT-2 and GPT-NeoX, eager and sdpa, float32 and bfloat16), and far from it when B sees A (0.004-0.3 for
     OPT, Bloom, Falcon with sdpa; packed attention, which needs no mask, keeps OPT's records apart).
-    Every rank must call this (under ZeRO-3 the forward gathers parameters collectively).
+    Every rank must call this (under ZeRO-3 the forward gathers parameters collectively). With sequence
+    parallelism (``shard``) each rank measures the part of B its slice of the rows holds (0.0 if none).
     """
     g = torch.Generator().manual_seed(1234)
     a, a2, b = (torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in (12, 12, 10))
     rows = [[{"input_ids": a, "labels": a}, {"input_ids": b, "labels": b}],
             [{"input_ids": a2, "labels": a2}, {"input_ids": b, "labels": b}]]
-    batch = {k: v.to(device) for k, v in collate(rows, pad_id=0, flatten=flatten).items()}
+    batch = {k: v.to(device) for k, v in collate(rows, pad_id=0, flatten=flatten, shard=shard).items()}
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            logits = packed_forward(model, batch).float().reshape(2, 22, -1)
+            logits = packed_forward(model, batch).float().reshape(2, batch["input_ids"].numel() // 2, -1)
     finally:
         model.train(was_training)
+    width = logits.shape[1]
+    b_here = slice(max(0, 12 - shard[0] * width), max(0, 22 - shard[0] * width))  # B's positions in this slice
+    if b_here.start >= min(b_here.stop, width):
+        return 0.0
     scale = logits.abs().max().clamp_min(1e-6)
-    return float((logits[0, 12:] - logits[1, 12:]).abs().max() / scale)
+    return float((logits[0, b_here] - logits[1, b_here]).abs().max() / scale)
 
 
 class RowLoader:
@@ -486,8 +514,10 @@ class RowLoader:
     """
 
     def __init__(self, ds: Any, rows: RowPlan, micro_batch_size: int, rank: int, world: int, seed: int,
-                 pad_id: int, flatten: bool = False):
-        self.ds, self.rows, self.mbs = ds, rows, micro_batch_size
+                 pad_id: int, flatten: bool = False, shard: tuple[int, int] = (0, 1)):
+        # ``rank``/``world``: data-parallel; ranks of one sequence-parallel group get the same rows and take
+        # slice ``shard`` of them (see collate).
+        self.ds, self.rows, self.mbs, self.shard = ds, rows, micro_batch_size, shard
         self.rank, self.world, self.seed, self.pad_id, self.flatten = rank, world, seed, pad_id, flatten
         self.batches_per_epoch = len(rows) // (world * micro_batch_size)
         if self.batches_per_epoch == 0:
@@ -516,4 +546,4 @@ class RowLoader:
             for r in rows:
                 grouped.append(recs[k:k + len(r)])
                 k += len(r)
-            yield collate(grouped, self.pad_id, self.flatten)
+            yield collate(grouped, self.pad_id, self.flatten, self.shard)

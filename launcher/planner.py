@@ -35,18 +35,24 @@ the residual, SwiGLU's gate, up, activation and product):
   probabilities (``(4 + b) · heads · cutoff_len``); the default ``packed`` attention builds no mask and its kernels
   keep only a log-sum-exp per head (``4 · heads``, the same for all), so nothing grows with the row length;
 * with gradient checkpointing each layer keeps only its input (``b·h``) and one layer is recomputed at a time;
-* the head keeps ``3bh`` and the log-softmax of the logits (``4V``).
+* the plain loss (``train.loss_chunk_tokens=0``): the head keeps ``3bh`` and the log-softmax of the logits
+  (``4V``); the chunked loss (launcher/loss.py, the default) keeps ``4bh`` (the hidden states and the supervised
+  positions' copy) and no ``V`` term per token.
 
-On top of them, backward peaks at the larger of the loss's gradients (``8V``, ``+bV`` in bf16) and one layer's
-activation gradients (twice that with checkpointing: recomputation and its gradients).
+On top of them, backward peaks at the larger of the loss's transient and one layer's activation gradients (twice
+that with checkpointing: recomputation and its gradients). The plain loss's transient is its gradients, ``8V`` per
+token (``+bV`` in bf16); the chunked loss's is one chunk of ``C = min(loss_chunk_tokens, T)`` positions, whatever
+``T``: its logits and their gradient (``2bCV``) and DeepSpeed's float32 block (``4·min(CV, 2^26)``).
+
+With sequence parallelism of degree N, each rank holds ``T/N`` tokens of every activation term; model states are
+sharded over all W ranks as before (the sequence group is part of the ZeRO world).
 
 Accuracy: ``bench/planner_accuracy.py`` (numbers in BENCHMARKS.md) and tests/test_planner.py train a few steps on
 CPU and compare with the measured peak (resident-set high-water mark during training minus the resident set before
 the model was built, with a fixed glibc mmap threshold so RSS follows live tensors). Measured: the estimate is
 0.88-1.17× the peak (tiny and a 56M-parameter Llama; single process, LoRA, checkpointing, 2-rank ZeRO-3 and
 FSDP2); the tests accept 0.8-1.35×. QLoRA and offload are not measured (they need a GPU). Not modelled: allocator fragmentation and the CUDA context (``planner.usable_fraction``
-and a fixed per-process overhead cover them), NCCL buffers, MoE routing, sliding-window savings, and a loss that
-chunks the logits (the estimate then overstates the ``V`` terms).
+and a fixed per-process overhead cover them), NCCL buffers, MoE routing, sliding-window savings.
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ class ModelShape:
     intermediate: int
     vocab: int
     heads: int
+    kv_heads: int = 0
 
 
 @dataclass
@@ -104,6 +111,7 @@ class MemoryPlan:
     step_temp: float = 0.0  # the optimizer step's temporaries (AdamW's foreach sqrt), after backward
     buffers: float = 0.0  # communication buffers the backend allocates outside the model states
     tokens: int = 0  # tokens of one micro-batch
+    sequence: int = 1  # ranks each row is split over (sequence parallelism)
     host_offload: float = 0.0  # per rank, in host memory
     notes: list[str] = field(default_factory=list)
 
@@ -138,7 +146,8 @@ def load_shape(cfg: Config) -> ModelShape:
         largest_layer=max(per_layer), layer_params=sum(per_layer),
         layers=text.num_hidden_layers, hidden=text.hidden_size,
         kv_dim=getattr(text, "num_key_value_heads", heads) * head_dim,
-        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), vocab=text.vocab_size, heads=heads)
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), vocab=text.vocab_size, heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", heads))
 
 
 def layer_bytes(s: ModelShape, row_len: int, b: int, attn: str) -> float:
@@ -151,27 +160,40 @@ def layer_bytes(s: ModelShape, row_len: int, b: int, attn: str) -> float:
     return per  # packed and flash-attention: no mask, nothing of O(row_len) per token
 
 
+def loss_bytes(s: ModelShape, tokens: int, b: int, chunk: int) -> tuple[float, float]:
+    """(bytes the loss saves for backward, its transient peak) for a micro-batch of ``tokens`` on one rank."""
+    if chunk <= 0:  # the plain loss over full logits
+        return (3 * b * s.hidden + 4 * s.vocab) * tokens, (8 + (b if b < 4 else 0)) * s.vocab * tokens
+    c = min(chunk, tokens)
+    return 4 * b * s.hidden * tokens, 2 * b * c * s.vocab + 4 * min(c * s.vocab, 2**26)
+
+
 def activation_bytes(s: ModelShape, tokens: int, row_len: int, b: int, checkpointing: bool,
-                     attn: str) -> tuple[float, float]:
-    """(saved activations, backward's extra peak) of one micro-batch, in bytes."""
+                     attn: str, loss_chunk: int = 0, sequence: int = 1) -> tuple[float, float]:
+    """(saved activations, backward's extra peak) of one micro-batch on one rank, in bytes."""
     per = layer_bytes(s, row_len, b, attn)
-    head = 3 * b * s.hidden + 4 * s.vocab  # final norm, lm_head input, log-softmax of the logits
-    saved = (s.layers * (b * s.hidden if checkpointing else per) + head) * tokens
-    loss_extra = (8 + (b if b < 4 else 0)) * s.vocab  # gradient of log-softmax and of the logits (+ bf16 cast)
+    local = -(-tokens // sequence)  # this rank's share of the rows' tokens
+    loss_saved, loss_extra = loss_bytes(s, local, b, loss_chunk)
+    saved = s.layers * (b * s.hidden if checkpointing else per) * local + loss_saved
     layer_extra = per * (2 if checkpointing else 1)  # a layer's activation gradients (+ its recomputation)
-    return saved, max(loss_extra, layer_extra) * tokens
+    return saved, max(loss_extra, layer_extra * local)
 
 
-def estimate(cfg: Config, shape: ModelShape, world_size: int, cuda: bool) -> MemoryPlan:
-    """The per-device plan for this config at ``world_size`` data-parallel ranks: activations here, model states
-    from the backend (its ``memory_plan``)."""
+def estimate(cfg: Config, shape: ModelShape, world_size: int, cuda: bool, sequence: int = 1,
+             checkpointing: bool | None = None) -> MemoryPlan:
+    """The per-device plan for this config at ``world_size`` ranks, each row split over ``sequence`` of them:
+    activations here, model states from the backend (its ``memory_plan``). ``checkpointing`` overrides
+    ``model.gradient_checkpointing`` (for the suggestions)."""
     b = 2 if compute_dtype(cfg.model) == torch.bfloat16 else 4
     tokens = cfg.train.micro_batch_size * cfg.dataset.cutoff_len
-    attn, ckpt = attention_of(cfg), cfg.model.gradient_checkpointing
-    act, transient = activation_bytes(shape, tokens, cfg.dataset.cutoff_len, b, ckpt, attn)
-    act_other, _ = activation_bytes(shape, tokens, cfg.dataset.cutoff_len, b, not ckpt, attn)
+    attn = attention_of(cfg)
+    ckpt = cfg.model.gradient_checkpointing if checkpointing is None else checkpointing
+    acts = {c: activation_bytes(shape, tokens, cfg.dataset.cutoff_len, b, c, attn, cfg.train.loss_chunk_tokens,
+                                sequence) for c in (ckpt, not ckpt)}
+    (act, transient), act_other = acts[ckpt], acts[not ckpt][0]
     activations = MemoryPlan("", world_size=max(world_size, 1), parameters=0.0, gradients=0.0, optimizer=0.0,
-                             activations=act, activations_other=act_other, transient=transient, tokens=tokens)
+                             activations=act, activations_other=act_other, transient=transient, tokens=tokens,
+                             sequence=sequence)
     return backend_for(cfg).memory_plan(cfg, shape, b, cuda, activations)
 
 
@@ -205,7 +227,8 @@ def table(plan: MemoryPlan, cap: Capacity, per_node: int) -> list[str]:
             (f"activations ({ckpt} grad. checkpointing)", plan.activations),
             ("backward / optimizer-step peak on top", peak), ("communication buffers", plan.buffers),
             ("total per device", plan.total)]
-    out = [f"memory plan ({plan.strategy}, per device; micro-batch of {plan.tokens:,} tokens):"]
+    split = f", each row split over {plan.sequence} ranks" if plan.sequence > 1 else ""
+    out = [f"memory plan ({plan.strategy}, per device; micro-batch of {plan.tokens:,} tokens{split}):"]
     out += [f"  {k:<42}{_gib(v):>12}" for k, v in rows if v or k.startswith("total")]
     other = "with" if ckpt == "without" else "without"
     out.append(f"  {'(activations ' + other + ' grad. checkpointing)':<42}{_gib(plan.activations_other):>12}")
@@ -225,9 +248,26 @@ def needed(plan: MemoryPlan, cap: Capacity, per_node: int) -> tuple[float, float
     return per_node * (plan.total + plan.host_offload + CPU_PROCESS_OVERHEAD), cap.host_available
 
 
-def suggestions(cfg: Config, plan: MemoryPlan) -> list[str]:
-    tips = []
-    if not cfg.model.gradient_checkpointing and plan.activations_other < plan.activations:
+def smallest_fix(cfg: Config, shape: ModelShape, cap: Capacity, per_node: int, world: int,
+                 degrees: list[int]) -> str | None:
+    """The smallest change of sequence degree (one of ``degrees``) and/or gradient checkpointing that makes the job
+    fit, as overrides (sequence degree first: it also shrinks what checkpointing keeps); None if none does."""
+    now = cfg.parallel.sequence
+    usable = cap.per_device if cap.kind == "cuda" else cap.host_available
+    for n in sorted(degrees):
+        for ckpt in sorted({cfg.model.gradient_checkpointing, True}):
+            plan = estimate(cfg, shape, world, cap.kind == "cuda", sequence=n, checkpointing=ckpt)
+            if needed(plan, cap, per_node)[0] <= usable * cfg.planner.usable_fraction:
+                fix = ([f"parallel.sequence={n}"] if n != now else []) + (
+                    ["model.gradient_checkpointing=true"] if ckpt and not cfg.model.gradient_checkpointing else [])
+                return " ".join(fix) or None
+    return None
+
+
+def suggestions(cfg: Config, plan: MemoryPlan, fix: str | None = None) -> list[str]:
+    tips = [f"{fix} (the smallest such change that fits)"] if fix else []
+    if not cfg.model.gradient_checkpointing and plan.activations_other < plan.activations and (
+            not fix or "gradient_checkpointing" not in fix):
         tips.append(f"model.gradient_checkpointing=true (activations {_gib(plan.activations)} -> "
                     f"{_gib(plan.activations_other)})")
     if cfg.train.micro_batch_size > 1:
@@ -238,6 +278,17 @@ def suggestions(cfg: Config, plan: MemoryPlan) -> list[str]:
         tips.append("finetune=lora (trains adapters only: gradients and optimizer states shrink to a few MB)")
     tips.append(f"a shorter dataset.cutoff_len (now {cfg.dataset.cutoff_len}) or more GPUs")
     return tips
+
+
+def sequence_degrees(cfg: Config, world: int, shape: ModelShape) -> list[int]:
+    """Sequence degrees the job could run with: on a backend that splits rows (DeepSpeed), the configured one and
+    the larger ones that divide the world size and the attention heads (launcher/sequence.py); elsewhere the
+    configured one."""
+    now = cfg.parallel.sequence
+    if not backend_for(cfg).supports_sequence_parallel or cfg.model.attn_implementation != "sdpa":
+        return [now]
+    return [d for d in range(now, world + 1) if world % d == 0 and d % now == 0 and shape.heads % d == 0
+            and (shape.kv_heads % d == 0 or d % shape.kv_heads == 0)]
 
 
 def check_memory(cfg: Config, nproc_per_node: int, say: Callable[[str], None],
@@ -253,7 +304,7 @@ def check_memory(cfg: Config, nproc_per_node: int, say: Callable[[str], None],
         return None
     cap = detect_capacity()
     world = backend_for(cfg).world_size(cfg, nproc_per_node)
-    plan = estimate(cfg, shape, world, cap.kind == "cuda")
+    plan = estimate(cfg, shape, world, cap.kind == "cuda", sequence=cfg.parallel.sequence)
     for line in table(plan, cap, nproc_per_node):
         say(line)
     need, have = needed(plan, cap, nproc_per_node)
@@ -270,8 +321,9 @@ def check_memory(cfg: Config, nproc_per_node: int, say: Callable[[str], None],
         problems.append(f"offloading needs {_gib(host_need)} of host RAM but {_gib(cap.host_available)} is available")
     if not problems:
         return record
+    fix = smallest_fix(cfg, shape, cap, nproc_per_node, world, sequence_degrees(cfg, world, shape))
     msg = (f"The job will not fit in memory: it {' and '.join(problems)}. Try "
-           + "; or ".join(suggestions(cfg, plan))
+           + "; or ".join(suggestions(cfg, plan, fix))
            + ". Set planner.force=true to start anyway (the estimate is conservative within about ±35%).")
     if cfg.planner.force or not refuse:
         say(f"warning: {msg}")

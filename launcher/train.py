@@ -22,7 +22,6 @@ from typing import Any, Iterator
 
 import datasets
 import torch
-import torch.nn.functional as F
 
 from launcher.attention import PACKED, attention_of, kernel
 from launcher.backends import backend_for, make_backend
@@ -30,15 +29,17 @@ from launcher.backends.base import Backend
 from launcher.checkpoint import StopRequest, complete_checkpoints, resume, save_checkpoint
 from launcher.config import Config, load_run_config
 from launcher.evaluate.generation import GenerationEval
-from launcher.evaluate.loss import Evaluator
+from launcher.evaluate.loss import Evaluator, LossFn
 from launcher.failures import lost_peer, write_record
+from launcher.loss import loss_chunks, token_loss_sum
 from launcher.metrics import FlopCounter, MetricsLogger
 from launcher.metrics.memory import MIB, device_peak, host_rss, lifetime_peak_rss
 from launcher.model import apply_finetune, compute_dtype, load_model, load_tokenizer
 from launcher.packing import (ISOLATING_ATTENTION, LEAK_TOLERANCE, RowLoader, RowPlan, count_tokens, isolation_leak,
-                              load_plan, packed_forward, plan_path, varlen_attention)
+                              load_plan, plan_path, varlen_attention)
 from launcher.preflight import check_ranks
 from launcher.runspec import RunSpec, load_run_spec
+from launcher.sequence import data_parallel
 from launcher.templates import IGNORE_INDEX
 
 
@@ -48,22 +49,23 @@ def load_rows(spec: RunSpec, split: str = "train") -> RowPlan:
 
 
 def plan_steps(n_rows: int, cfg: Config, world_size: int) -> tuple[int, int]:
-    """(optimizer steps, micro-batches per epoch per rank) for this data and config."""
-    per_epoch = n_rows // (world_size * cfg.train.micro_batch_size)
+    """(optimizer steps, micro-batches per epoch per rank) for this data and config (the ranks of a
+    sequence-parallel group share their rows)."""
+    per_epoch = n_rows // (world_size // cfg.parallel.sequence * cfg.train.micro_batch_size)
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps, per_epoch
     return max(1, int(cfg.train.epochs * per_epoch / cfg.train.grad_accum)), per_epoch
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy over supervised tokens (labels are already shifted inside each record)."""
-    logits = packed_forward(model, batch)
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+def loss_function(cfg: Config, micro_batch_size: int) -> LossFn:
+    """The token loss for micro-batches of ``micro_batch_size`` rows: chunked unless ``train.loss_chunk_tokens`` is 0
+    (launcher/loss.py)."""
+    return partial(token_loss_sum, chunks=loss_chunks(cfg.train.loss_chunk_tokens, cfg.dataset.cutoff_len,
+                                                      micro_batch_size))
 
 
 def forward_backward(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], backend: Backend,
-                     autocast: Any = None) -> dict[str, float]:
+                     autocast: Any = None, loss_fn: LossFn = token_loss_sum) -> dict[str, float]:
     """Forward and backward over one optimizer step's micro-batches (this rank's share of the step).
 
     The step's loss is Σ token losses / supervised tokens of the *whole* step, all micro-batches on all ranks:
@@ -80,7 +82,7 @@ def forward_backward(model: torch.nn.Module, batches: list[dict[str, torch.Tenso
     loss_total = torch.zeros((), dtype=torch.float64, device=backend.device)
     for b in batches:
         with autocast:
-            loss_sum = token_loss_sum(model, b)
+            loss_sum = loss_fn(model, b)
         # Backends average gradients over ranks, hence × world_size: the result is Σ token losses / n_sup.
         backend.backward(loss_sum * backend.world_size / max(n_sup, 1.0))
         loss_total += loss_sum.detach().double()
@@ -90,7 +92,9 @@ def forward_backward(model: torch.nn.Module, batches: list[dict[str, torch.Tenso
 
 def refuse_leaking_packing(model: torch.nn.Module, cfg: Config, vocab_size: int, backend: Backend) -> None:
     """Stop before training if this model lets packed records attend to each other (checked on the real model)."""
-    leak = isolation_leak(model, vocab_size, backend.device, flatten=varlen_attention(attention_of(cfg)))
+    flatten = varlen_attention(attention_of(cfg))
+    shard = data_parallel(backend.rank, backend.world_size, cfg.parallel.sequence)[1]
+    leak = max(per_rank(backend, isolation_leak(model, vocab_size, backend.device, flatten=flatten, shard=shard)))
     if leak <= LEAK_TOLERANCE:
         return
     if backend.rank != 0:
@@ -117,8 +121,9 @@ def build_loader(cfg: Config, spec: RunSpec, backend: Backend, pad_id: int) -> t
     """This rank's micro-batches of the prepared data, and the number of optimizer steps to run."""
     ds = datasets.load_from_disk(str(Path(spec.data_path) / "train"))
     rows = load_rows(spec)
-    loader = RowLoader(ds, rows, cfg.train.micro_batch_size, backend.rank, backend.world_size, cfg.train.seed,
-                       pad_id, flatten=varlen_attention(attention_of(cfg)))
+    (dp_rank, dp_world), shard = data_parallel(backend.rank, backend.world_size, cfg.parallel.sequence)
+    loader = RowLoader(ds, rows, cfg.train.micro_batch_size, dp_rank, dp_world, cfg.train.seed,
+                       pad_id, flatten=varlen_attention(attention_of(cfg)), shard=shard)
     return loader, plan_steps(len(rows), cfg, backend.world_size)[0]
 
 
@@ -140,12 +145,13 @@ def check_world(cfg: Config, spec: RunSpec, backend: Backend) -> None:
                            f"{backend.world_size}: backend {kind.name!r} did not form the process group.")
 
 
-def train_step(model: torch.nn.Module, backend: Backend, batches: list[dict[str, torch.Tensor]]) -> dict:
+def train_step(model: torch.nn.Module, backend: Backend, batches: list[dict[str, torch.Tensor]],
+               loss_fn: LossFn = token_loss_sum) -> dict:
     """One optimizer step over this rank's micro-batches; returns the step's metrics (same on every rank) and,
     under "slots", the token slots it used (padding included)."""
     t0 = time.time()
     batches = [{k: v.to(backend.device) for k, v in b.items()} for b in batches]
-    totals = forward_backward(model, batches, backend, backend.autocast())
+    totals = forward_backward(model, batches, backend, backend.autocast(), loss_fn)
     grad_norm = backend.step()
     dt = time.time() - t0
     return {"loss": totals["loss"], "lr": backend.lr(), "grad_norm": grad_norm, "tokens": int(totals["tokens"]),
@@ -203,6 +209,8 @@ def run(run_dir: str | Path) -> dict:
                             host_before_model)
     if generation and cfg.eval.generate.before and state.step == 0:  # the base model, to show the gain
         metrics.log_generation(generation.run(model, 0, backend.autocast(), backend.generating(model)))
+    train_loss = loss_function(cfg, cfg.train.micro_batch_size)
+    eval_loss = loss_function(cfg, cfg.eval.micro_batch_size or cfg.train.micro_batch_size)
     stream = micro_batches(loader, state.micro_batch)
     gas, every = cfg.train.grad_accum, cfg.train.save_steps
     stopped, ckpt, slots = False, None, 0.0
@@ -210,13 +218,13 @@ def run(run_dir: str | Path) -> dict:
         t0 = time.time()
         batches = [next(stream) for _ in range(gas)]
         data_time = time.time() - t0
-        step_metrics = train_step(model, backend, batches)
+        step_metrics = train_step(model, backend, batches, train_loss)
         check_finite(step_metrics, state.step + 1, cfg, run_dir, backend.rank)
         slots += step_metrics.pop("slots")
         metrics.log_step(state.step + 1, step_metrics, batches=batches, data_time=data_time)
         state.step, state.micro_batch = state.step + 1, state.micro_batch + gas
         if evaluator and ((cfg.eval.steps and state.step % cfg.eval.steps == 0) or state.step == total_steps):
-            metrics.log_eval(state.step, evaluator.run(model, token_loss_sum, backend.all_reduce_sum, backend.device,
+            metrics.log_eval(state.step, evaluator.run(model, eval_loss, backend.all_reduce_sum, backend.device,
                                                        backend.autocast()))
         if generation and generation.due(state.step, total_steps):
             metrics.log_generation(generation.run(model, state.step, backend.autocast(),

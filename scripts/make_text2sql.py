@@ -4,7 +4,7 @@ Writes three files, byte-identical on every run:
 
 - ``data/text2sql_ko.json``         about 2,000 training records
 - ``data/text2sql_ko_heldout.json`` 50 records whose questions never occur in the training file
-- ``data/dataset_info.json``        the LLaMA-Factory registry entries for both
+- ``data/dataset_info.json``        the LLaMA-Factory registry entries for both (other entries are kept)
 
 A record is ``{"instruction": <Korean instruction + question>, "input": <CREATE TABLE schema>,
 "output": "쿼리 작성: SELECT ...;"}``; about 10% also carry a ``system`` prompt and about 5% a ``history`` of
@@ -694,10 +694,13 @@ def build() -> dict[str, str]:
     heldout_records = [render(ex, rng, None) for ex in heldout]
     columns = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
                "history": "history"}
-    info = {
+    # Other scripts' entries (scripts/make_rag_ko.py) stay in the registry.
+    registry = DATA_DIR / "dataset_info.json"
+    info = json.loads(registry.read_text(encoding="utf-8")) if registry.is_file() else {}
+    info.update({
         "text2sql_ko": {"file_name": TRAIN_FILE, "columns": columns},
         "text2sql_ko_heldout": {"file_name": HELDOUT_FILE, "columns": columns},
-    }
+    })
     return {TRAIN_FILE: dump(train_records), HELDOUT_FILE: dump(heldout_records), "dataset_info.json": dump(info)}
 
 
@@ -705,18 +708,17 @@ def dump(obj: object) -> str:
     return json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def write_or_check(files: dict[str, str], script: str, description: str, argv: list[str] | None = None) -> int:
+    """The CLI of a data generator: write ``files`` into data/, or with --check compare them with it."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--check", action="store_true",
                         help="regenerate in memory and exit 1 if any file in data/ differs")
     args = parser.parse_args(argv)
-    files = build()
     if args.check:
         stale = [name for name, text in files.items()
                  if not (DATA_DIR / name).is_file() or (DATA_DIR / name).read_bytes() != text.encode("utf-8")]
         if stale:
-            print(f"out of date in {DATA_DIR}: {', '.join(stale)}; run `python scripts/make_text2sql.py`",
-                  file=sys.stderr)
+            print(f"out of date in {DATA_DIR}: {', '.join(stale)}; run `python scripts/{script}`", file=sys.stderr)
             return 1
         print(f"{DATA_DIR}: up to date")
         return 0
@@ -725,6 +727,10 @@ def main(argv: list[str] | None = None) -> int:
         (DATA_DIR / name).write_bytes(text.encode("utf-8"))
     print(f"wrote {', '.join(files)} to {DATA_DIR}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return write_or_check(build(), "make_text2sql.py", __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

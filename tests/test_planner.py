@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from launcher.config import Config, ConfigError, register_configs, to_object
-from launcher.planner import GIB, Capacity, check_memory, estimate, load_shape
+from launcher.planner import GIB, Capacity, check_memory, estimate, load_shape, loss_bytes
 from tests.conftest import ROOT, run_launcher
 
 register_configs()
@@ -171,3 +171,60 @@ def test_estimate_matches_measured_peak_zero3_two_ranks(tmp_path: Path) -> None:
     est, got = _measure(tmp_path / "out", f"model.name_or_path={big}", "backend=deepspeed_zero3",
                         "launcher.nproc_per_node=2", "train.micro_batch_size=2")
     assert TOLERANCE[0] <= est / got <= TOLERANCE[1], (est / GIB, got / GIB)
+
+
+# --------------------------------------------------------------------------------------------- long context
+def test_chunked_loss_drops_the_vocabulary_terms(llama8b: Path) -> None:
+    """At 8k tokens and a 128k vocabulary the plain loss's float32 logits dominate; the chunked loss keeps one chunk."""
+    over = (f"model.name_or_path={llama8b}", "model.dtype=bfloat16", "backend=deepspeed_zero3",
+            "model.gradient_checkpointing=true", "dataset.cutoff_len=8192")
+    shape = load_shape(config(*over))
+    plain = estimate(config(*over, "train.loss_chunk_tokens=0"), shape, 8, cuda=True)
+    chunked = estimate(config(*over, "train.loss_chunk_tokens=2048"), shape, 8, cuda=True)
+    V, T = 128256, 8192
+    # float32 gradients of log-softmax and logits + bf16 cast, against one chunk's logits and gradient whatever T
+    assert loss_bytes(shape, T, 2, 0)[1] == 10 * V * T
+    assert loss_bytes(shape, T, 2, 2048)[1] == loss_bytes(shape, 4 * T, 2, 2048)[1] == 2 * 2 * 2048 * V + 4 * 2**26
+    assert plain.transient == pytest.approx(10 * V * T)  # the loss dominates backward's peak ...
+    assert chunked.transient < plain.transient / 2  # ... until it is chunked: then a layer's gradients do
+    assert plain.activations - chunked.activations == pytest.approx((4 * V - 2 * 4096) * T)
+    assert plain.total - chunked.total > 8 * GIB
+
+
+def test_sequence_degree_divides_activations_not_model_states(llama8b: Path) -> None:
+    cfg = config(f"model.name_or_path={llama8b}", "model.dtype=bfloat16", "backend=deepspeed_zero3",
+                 "dataset.cutoff_len=16384")
+    shape = load_shape(cfg)
+    one, two = estimate(cfg, shape, 8, cuda=True), estimate(cfg, shape, 8, cuda=True, sequence=2)
+    assert two.activations == pytest.approx(one.activations / 2)
+    assert (two.parameters, two.gradients, two.optimizer) == (one.parameters, one.gradients, one.optimizer)
+
+
+def test_the_smallest_sequence_degree_and_checkpointing_that_fit_are_named(llama8b: Path, monkeypatch) -> None:
+    from launcher.planner import smallest_fix
+
+    cap = Capacity("cuda", "NVIDIA H100 80GB HBM3", 79.2 * GIB, 1000 * GIB)
+    cfg = config(f"model.name_or_path={llama8b}", "model.dtype=bfloat16", "backend=deepspeed_zero3",
+                 "dataset.cutoff_len=32768")
+    shape = load_shape(cfg)
+    fits = {n: estimate(cfg, shape, 8, True, sequence=n).total for n in (1, 2, 4, 8)}
+    assert fits[1] > 0.9 * cap.per_device  # too big without help
+    degrees = [1, 2, 4, 8]
+    fix = smallest_fix(cfg, shape, cap, 8, 8, degrees)
+    n = int(fix.split("parallel.sequence=")[1].split()[0]) if "parallel.sequence" in fix else 1
+    plan = estimate(cfg, shape, 8, True, sequence=n, checkpointing="gradient_checkpointing" in fix)
+    assert plan.total + 1.0 * GIB <= 0.9 * cap.per_device  # what it names fits ...
+    smaller = [m for m in degrees if m < n]  # ... and nothing smaller does, with or without checkpointing
+    assert all(estimate(cfg, shape, 8, True, sequence=m, checkpointing=c).total + 1.0 * GIB > 0.9 * cap.per_device
+               for m in smaller for c in (False, True))
+    assert smallest_fix(cfg, shape, Capacity("cuda", "tiny", 1 * GIB, 1 * GIB), 8, 8, degrees) is None
+
+
+def test_sequence_degrees_offered_are_those_the_job_can_run(llama8b: Path) -> None:
+    from launcher.planner import sequence_degrees
+
+    z3 = config(f"model.name_or_path={llama8b}", "backend=deepspeed_zero3")
+    shape = load_shape(z3)  # 32 heads, 8 key/value heads
+    assert sequence_degrees(z3, 8, shape) == [1, 2, 4, 8]
+    assert sequence_degrees(z3, 6, shape) == [1, 2]
+    assert sequence_degrees(config(f"model.name_or_path={llama8b}", "backend=fsdp"), 8, shape) == [1]

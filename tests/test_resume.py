@@ -259,6 +259,20 @@ def test_a_stop_signal_is_seen_by_every_rank() -> None:
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sequence_parallel_resume_continues_exactly(tmp_path_factory, tmp_path: Path) -> None:
+    """parallel.sequence=2 (ZeRO-3): resuming at step 6 reproduces the uninterrupted losses bit for bit."""
+    ref = train(tmp_path_factory, "zero3_sp2", "full")
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref.dir, run_dir)
+    (run_dir / "checkpoints" / "step-12" / COMPLETE).unlink()  # killed while saving the last checkpoint
+    r = run_launcher(*ref.overrides, f"hydra.run.dir={run_dir}", timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resuming from {run_dir}/checkpoints/step-6" in r.stderr
+    assert losses_of(run_dir) == ref.losses
+
+
 def test_failure_report_survives_empty_and_garbled_error_files(tmp_path: Path) -> None:
     from launcher.failures import failure_report, write_record
 

@@ -177,6 +177,7 @@ class BackendKind:
     name: str = ""
     in_process = False  # run the worker inside the launcher process (no worker command is spawned)
     supports_qlora = False  # 4-bit frozen weights (bitsandbytes) cannot be sharded
+    supports_sequence_parallel = False  # parallel.sequence > 1: rows split over ranks (launcher/sequence.py)
     layout = ""  # the files of its checkpoints, for an error that lists every layout
 
     def runtime(self, cfg: Config) -> Backend:
@@ -209,10 +210,16 @@ class BackendKind:
     # ------------------------------------------------------------------ config
     def config_problems(self, cfg: Config) -> list[str]:
         """This backend's part of :func:`launcher.config.validate` (messages name the key and the fix)."""
+        problems = []
         if cfg.finetune.method == "qlora" and not self.supports_qlora:
-            return [f"finetune.method=qlora runs with backend=single only (4-bit weights cannot be sharded by "
-                    f"backend.name={self.name!r} here); use finetune=lora with a sharded backend."]
-        return []
+            problems.append(f"finetune.method=qlora runs with backend=single only (4-bit weights cannot be sharded "
+                            f"by backend.name={self.name!r} here); use finetune=lora with a sharded backend.")
+        if cfg.parallel.sequence > 1 and not self.supports_sequence_parallel:
+            problems.append(f"parallel.sequence={cfg.parallel.sequence} is not supported with backend.name="
+                            f"{self.name!r} (rows are split with DeepSpeed's Ulysses attention and process groups); "
+                            f"use backend=deepspeed_zero3 (it shards model states like FSDP2 full shard) with "
+                            f"launcher.nproc_per_node >= {cfg.parallel.sequence}.")
+        return problems
 
     def check_config(self, cfg: Config, world_size: int) -> None:
         """Check the backend's own config file (DeepSpeed JSON, Accelerate YAML) before any worker starts, so a

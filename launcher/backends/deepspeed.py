@@ -86,6 +86,10 @@ def fill_ds_config(cfg: Config, world_size: int, hidden_size: int | None = None)
                       f"the warmup+cosine schedule from the `optimizer` config group")
     if errors:
         raise ConfigError("DeepSpeed config problems:\n  - " + "\n  - ".join(errors))
+    if cfg.parallel.sequence > 1:
+        # DeepSpeed checks the batch size against the world twice: zero.Init counts every rank, the engine (given
+        # the sequence-parallel groups) data-parallel ranks only. Left out, it is derived in both.
+        del ds["train_batch_size"]
     # The launcher's AdamW works with offload too; DeepSpeed otherwise insists on its own compiled CPU Adam.
     ds.setdefault("zero_force_ds_cpu_optimizer", False)
     return ds
@@ -114,6 +118,11 @@ class DeepSpeedBackend(ProcessGroupMixin):
         if cuda:
             torch.cuda.set_device(local)
         self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        self.mpu = None
+        if cfg.parallel.sequence > 1:  # rows split over groups of ranks (launcher/sequence.py)
+            from launcher.sequence import setup
+
+            self.mpu = setup(cfg)
 
     def build(self, make_model: MakeModel, total_steps: int) -> torch.nn.Module:
         import deepspeed  # see the module docstring
@@ -128,7 +137,7 @@ class DeepSpeedBackend(ProcessGroupMixin):
         model = make_model(compute_dtype(self.cfg.model), False)
         opt, sched = make_optimizer(self.cfg, trainable(model), total_steps)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                               config=self.ds_config)
+                                               config=self.ds_config, mpu=self.mpu)
         return self.engine
 
     def generating(self, model: torch.nn.Module) -> AbstractContextManager:
@@ -337,6 +346,7 @@ def hostfile(spec: RunSpec) -> Path:
 
 class DeepSpeed(BackendKind):
     name = "deepspeed"
+    supports_sequence_parallel = True
     layout = "*_model_states.pt + *_optim_states.pt for DeepSpeed"
 
     def runtime(self, cfg: Config) -> DeepSpeedBackend:

@@ -20,6 +20,7 @@ import torch
 from launcher.attention import attention_of
 from launcher.packing import collate, count_tokens, load_plan, plan_path, varlen_attention
 from launcher.runspec import RunSpec
+from launcher.sequence import data_parallel
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
@@ -40,7 +41,7 @@ class Evaluator:
     """Evaluates a model on the prepared eval rows; every rank calls :meth:`run` together."""
 
     def __init__(self, base: Path, split: str, micro_batch_size: int, rank: int, world_size: int, pad_id: int,
-                 flatten: bool = False):
+                 flatten: bool = False, shard: tuple[int, int] = (0, 1)):
         self.ds = datasets.load_from_disk(str(base / split))
         plan = load_plan(plan_path(base, split))
         rows = [plan.row(r).tolist() for r in range(len(plan))]
@@ -48,7 +49,7 @@ class Evaluator:
         self.mine = chunks[rank::world_size]
         self.forwards = math.ceil(len(chunks) / world_size)  # the same on every rank
         self.placeholder = chunks[0]
-        self.pad_id, self.flatten = pad_id, flatten
+        self.pad_id, self.flatten, self.shard = pad_id, flatten, shard  # rank/world: data-parallel (see RowLoader)
         self.n_rows = len(rows)
 
     @classmethod
@@ -56,8 +57,9 @@ class Evaluator:
         src = eval_source(spec)
         if src is None:
             return None
-        return cls(*src, cfg.eval.micro_batch_size or cfg.train.micro_batch_size, rank, world_size, pad_id,
-                   flatten=varlen_attention(attention_of(cfg)))
+        (dp_rank, dp_world), shard = data_parallel(rank, world_size, cfg.parallel.sequence)
+        return cls(*src, cfg.eval.micro_batch_size or cfg.train.micro_batch_size, dp_rank, dp_world, pad_id,
+                   flatten=varlen_attention(attention_of(cfg)), shard=shard)
 
     @torch.no_grad()
     def run(self, model: torch.nn.Module, loss_fn: LossFn, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
@@ -88,4 +90,5 @@ class Evaluator:
         flat = [i for row in chunk for i in row]
         cols = self.ds[flat]
         recs = iter({"input_ids": i, "labels": lab} for i, lab in zip(cols["input_ids"], cols["labels"]))
-        return collate([[next(recs) for _ in row] for row in chunk], self.pad_id, flatten=self.flatten)
+        return collate([[next(recs) for _ in row] for row in chunk], self.pad_id, flatten=self.flatten,
+                       shard=self.shard)

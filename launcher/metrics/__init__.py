@@ -63,7 +63,7 @@ class MetricsLogger:
         self.cfg, self.run_dir, self.backend = cfg, run_dir, backend
         self.enabled = backend.rank == 0
         self.total_steps, self.log_every, self.pad_id = total_steps, cfg.train.log_every, pad_id
-        self.cutoff_len = cfg.dataset.cutoff_len
+        self.cutoff_len = cfg.dataset.cutoff_len // cfg.parallel.sequence  # a rank's slots: its slice of each row
         self.path = run_dir / "metrics.jsonl"
         self.host_baseline = host_rss()[0] if host_baseline is None else host_baseline
         self.host_after_build = host_rss()
