@@ -41,6 +41,10 @@ def resolve(attn_implementation: str, packing: bool) -> str:
     return attn_implementation
 
 
+# Settings of model.attn_implementation that sequence parallelism runs with: its Ulysses wrapper replaces sdpa.
+SEQUENCE_PARALLEL_ATTENTION = ("auto", "sdpa")
+
+
 def attention_of(cfg: Any) -> str:
     """The attention implementation a run's model loads with (``cfg``: a launcher ``Config``). With sequence
     parallelism ``auto`` is sdpa: DeepSpeed's Ulysses wrapper is installed in its place and keeps packed records

@@ -22,6 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from launcher import backends
+from launcher.attention import SEQUENCE_PARALLEL_ATTENTION
 from launcher.evaluate.tasks import DOCUMENT_HEADER
 from launcher.mixing import problems as mix_problems
 
@@ -516,8 +517,8 @@ def validate(cfg: Config) -> None:
     if cfg.parallel.sequence < 1:
         e.append(f"parallel.sequence={cfg.parallel.sequence} must be at least 1.")
     elif cfg.parallel.sequence > 1:  # the backend's part: launcher.backends (config_problems)
-        if cfg.model.attn_implementation not in ("sdpa", "auto"):
-            e.append(f"parallel.sequence={cfg.parallel.sequence} needs model.attn_implementation=auto or sdpa (got "
+        if cfg.model.attn_implementation not in SEQUENCE_PARALLEL_ATTENTION:
+            e.append(f"parallel.sequence={cfg.parallel.sequence} needs model.attn_implementation=sdpa or auto (got "
                      f"{cfg.model.attn_implementation!r}): the sequence-parallel attention keeps packed records "
                      f"apart with sdpa and a block-diagonal mask.")
     if cfg.train.loss_chunk_tokens < 0:

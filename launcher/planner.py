@@ -65,7 +65,7 @@ import psutil
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from launcher.attention import attention_of
+from launcher.attention import SEQUENCE_PARALLEL_ATTENTION, attention_of
 from launcher.backends import backend_for
 from launcher.config import Config, ConfigError, resolve_path
 from launcher.model import apply_finetune, compute_dtype, model_dir
@@ -285,7 +285,8 @@ def sequence_degrees(cfg: Config, world: int, shape: ModelShape) -> list[int]:
     the larger ones that divide the world size and the attention heads (launcher/sequence.py); elsewhere the
     configured one."""
     now = cfg.parallel.sequence
-    if not backend_for(cfg).supports_sequence_parallel or cfg.model.attn_implementation != "sdpa":
+    if (not backend_for(cfg).supports_sequence_parallel
+            or cfg.model.attn_implementation not in SEQUENCE_PARALLEL_ATTENTION):
         return [now]
     return [d for d in range(now, world + 1) if world % d == 0 and d % now == 0 and shape.heads % d == 0
             and (shape.kv_heads % d == 0 or d % shape.kv_heads == 0)]
