@@ -6,7 +6,7 @@
 Efficiency is real tokens / token slots (rows × cutoff_len). "bound" is the most any packing can reach,
 tokens / (ceil(tokens / cutoff) × cutoff). Each table compares, on the same lengths:
 
-* ``launcher``: :func:`launcher.packing.pack_rows` (best fit decreasing over the whole set, then subset-sum
+* ``launcher``: :func:`launcher.binpack.pack_rows` (best fit decreasing over the whole set, then subset-sum
   refinement of the rows it left not full) - what training uses;
 * ``bfd``: best fit decreasing alone;
 * ``greedy/1000``: the common practice of packing each 1000-record ``datasets.map`` batch on its own, by greedy
@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launcher.packing import best_fit_decreasing, pack_rows  # noqa: E402
+from launcher.binpack import best_fit_decreasing, pack_rows  # noqa: E402
 
 
 def long_tailed(n: int, cutoff: int, seed: int = 0) -> np.ndarray:

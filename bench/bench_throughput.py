@@ -103,12 +103,13 @@ def main() -> None:
 
     from launcher.__main__ import quiet_libraries
     from launcher.backends import backend_for
-    from launcher.config import register_configs, to_object, validate
+    from launcher.config import register_configs, to_object
     from launcher.data import prepare
     from launcher.model import load_tokenizer, materialize
     from launcher.packing import load_plan, plan_path
     from launcher.preflight import free_port
     from launcher.runspec import RunSpec
+    from launcher.validate import validate
 
     register_configs()
     overrides = ["backend=deepspeed_zero3", f"dataset.cutoff_len={args.cutoff}", f"train.micro_batch_size={args.mbs}",

@@ -23,9 +23,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.backends import backend_for
-from launcher.config import Config, ConfigError, register_configs, to_object, validate
+from launcher.config import Config, ConfigError, register_configs, to_object
 from launcher.rundir import RunDirBusy, entries, hold_run_dir, remove_created
 from launcher.runspec import RunSpec
+from launcher.validate import validate
 
 register_configs()
 
@@ -349,7 +350,7 @@ def run(dcfg: DictConfig) -> int:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
-    from launcher.data import DataError
+    from launcher.registry import DataError
     from launcher.preflight import PreflightError
     from launcher.templates import TemplateError
 

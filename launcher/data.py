@@ -1,4 +1,7 @@
-"""Data: LLaMA-Factory's ``dataset_info.json`` registry -> messages -> token ids and labels, cached on disk.
+"""Data preparation: registered datasets -> token ids and labels, cached on disk.
+
+The registry and file readers are launcher/registry.py, record -> messages is launcher/formats.py; this module
+tokenises, splits, mixes, packs and caches.
 
 Preparation runs once, in the launcher process, before any worker starts (so no collective can time out while it
 runs). Records stream from the files into an Arrow dataset (``Dataset.from_generator``), are tokenised in batches
@@ -28,319 +31,17 @@ from typing import Any, Iterator
 
 from launcher.config import DatasetConfig, TemplateConfig, resolve_path
 from launcher.cut_prompt import encode_cut_prompt
+from launcher.formats import to_messages
 from launcher.mixing import MixError, mix_split, resolve as resolve_mix
-from launcher.templates import Template, TemplateError, normalize_tools, parse_tool_calls
+from launcher.registry import DataError, DatasetEntry, load_registry, read_records
+from launcher.templates import Template, TemplateError
 
 CACHE_VERSION = "3"  # bump when the cached format changes (the code itself is hashed too)
 SOURCES = "sources.json"  # in a prepared directory: its key and the SHA-256 of each data file it was made from
-DATA_SUFFIXES = (".json", ".jsonl")
 MAX_ERROR_EXAMPLES = 10
 FIX_HINT = ("Fix the record, or set dataset.on_error=skip to drop such records (they are counted and reported).")
 
-Messages = list[dict[str, str]]
 
-
-class DataError(ValueError):
-    """A problem in the user's data; the message names the file, the record and the field.
-
-    ``reason`` is a short category used to count skipped records (e.g. "missing field").
-    """
-
-    def __init__(self, message: str, reason: str = "invalid data"):
-        super().__init__(message)
-        self.reason = reason
-
-
-# --------------------------------------------------------------------------------------------- registry
-@dataclass
-class DatasetEntry:
-    """One entry of dataset_info.json, with LLaMA-Factory's defaults."""
-
-    name: str
-    files: list[Path]
-    formatting: str = "alpaca"
-    columns: dict[str, str] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-_UNSUPPORTED = {
-    "hf_hub_url": "it is downloaded from the Hugging Face hub",
-    "ms_hub_url": "it is downloaded from ModelScope",
-    "om_hub_url": "it is downloaded from Modelers",
-    "script_url": "it is built by a dataset loading script",
-    "cloud_file_name": "it is read from cloud storage",
-}
-
-
-def load_registry(data_dir: Path, names: list[str]) -> list[DatasetEntry]:
-    """Read the named entries of ``<data_dir>/dataset_info.json``."""
-    info_path = data_dir / "dataset_info.json"
-    if not info_path.is_file():
-        raise DataError(f"{info_path} does not exist: point dataset.dir at a folder with a dataset_info.json "
-                        f"(LLaMA-Factory's format), e.g. dataset.dir=data.")
-    try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{info_path}, line {err.lineno}: not valid JSON ({err.msg}).") from None
-    if not isinstance(info, dict):
-        raise DataError(f"{info_path}: expected a JSON object of named entries, found {type(info).__name__}.")
-    entries = []
-    for name in names:
-        if name not in info:
-            raise DataError(f"dataset {name!r} is not in {info_path}; it has: {', '.join(sorted(info))}. "
-                            f"Fix dataset.names or add the entry.")
-        spec = info[name]
-        where = f"{info_path}, entry {name!r}"
-        if not isinstance(spec, dict):
-            raise DataError(f"{where}: must be an object with 'file_name', found {type(spec).__name__}.")
-        for key, why in _UNSUPPORTED.items():
-            if key in spec and "file_name" not in spec:
-                raise DataError(f"{where}: {why} ({key}), which this launcher does not do (it runs offline). "
-                                f"Download the files and give the entry a 'file_name'.")
-        if spec.get("ranking"):
-            raise DataError(f"{where}: 'ranking: true' marks preference data (DPO/RM); this launcher does "
-                            f"supervised fine-tuning only. Remove it from dataset.names.")
-        if "file_name" not in spec:
-            raise DataError(f"{where}: no 'file_name'. Add the data file's name (relative to {data_dir}).")
-        path = data_dir / spec["file_name"]
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
-            if not files:
-                raise DataError(f"{where}: folder {path} has no .json or .jsonl files.")
-        elif path.is_file():
-            if path.suffix not in DATA_SUFFIXES:
-                raise DataError(f"{where}: {path.name} is not .json or .jsonl; convert it to JSON lines.")
-            files = [path]
-        else:
-            raise DataError(f"{where}: file_name {spec['file_name']!r} not found ({path}).")
-        formatting = spec.get("formatting", "alpaca")
-        if formatting not in ("alpaca", "sharegpt"):
-            raise DataError(f"{where}: formatting {formatting!r} is not 'alpaca' or 'sharegpt'.")
-        for key in ("columns", "tags"):
-            if not isinstance(spec.get(key, {}), dict):
-                raise DataError(f"{where}: {key!r} must be an object mapping names to column/tag names.")
-        entries.append(DatasetEntry(name, files, formatting, spec.get("columns", {}), spec.get("tags", {})))
-    return entries
-
-
-# --------------------------------------------------------------------------------------------- reading
-def _not_utf8(path: Path, err: UnicodeDecodeError, offset: int = 0) -> DataError:
-    return DataError(f"{path}: not UTF-8 at byte {offset + err.start} ({err.reason}). Save the file as UTF-8 "
-                     f"(e.g. `iconv -f cp949 -t utf-8`).", "not UTF-8")
-
-
-def read_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yield (where, record) from a JSON list or a JSON-lines file; ``where`` names the file and record.
-
-    JSON lines are streamed, and a line that is not valid JSON (or not UTF-8) is yielded as a DataError (the
-    caller raises or skips it); a JSON list is parsed whole (use JSON lines for very large files).
-    """
-    with path.open("rb") as f:
-        head = f.read(4096).decode("utf-8", errors="ignore").lstrip()
-    if path.suffix == ".jsonl" or head.startswith("{"):
-        with path.open("rb") as f:
-            offset = 0
-            for lineno, raw in enumerate(f, 1):
-                start, offset = offset, offset + len(raw)
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    yield f"{path}, line {lineno}", _not_utf8(path, err, start)
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    # Yielded, not raised: one bad line can be skipped (dataset.on_error=skip); a broken JSON list
-                    # below cannot.
-                    record = DataError(f"{path}, line {lineno}: not valid JSON ({err.msg}, column {err.colno}).",
-                                       "invalid JSON")
-                yield f"{path}, line {lineno}", record
-        return
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise _not_utf8(path, err) from None
-    if not text.strip():
-        return  # an empty file: no records (the caller names it)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}, column {err.colno}).",
-                        "invalid JSON") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records (or JSON lines), found {type(data).__name__}.",
-                        "invalid JSON")
-    for i, record in enumerate(data):
-        yield f"{path}, record {i}", record
-
-
-# --------------------------------------------------------------------------------------------- formats
-def _text(record: dict, key: str, where: str, required: bool = True) -> str:
-    """A string field: missing/None and non-strings are errors (when required), named with the field."""
-    if key not in record or record[key] is None:
-        if required:
-            raise DataError(f"{where}: field {key!r} is missing.", "missing field")
-        return ""
-    value = record[key]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {key!r} must be a string, found {type(value).__name__}.", "not a string")
-    return value
-
-
-def _tools(record: dict, key: str, where: str) -> list[dict[str, Any]]:
-    if record.get(key) in (None, "", []):
-        return []
-    try:
-        return normalize_tools(record[key])
-    except ValueError as err:
-        raise DataError(f"{where}: field {key!r} (the tools) {err}.", "invalid tools") from None
-
-
-def _check_call(content: str, where: str) -> None:
-    try:
-        parse_tool_calls(content)
-    except ValueError as err:
-        raise DataError(f"{where}: {err}.", "invalid function call") from None
-
-
-def alpaca_to_messages(record: dict, columns: dict[str, str], where: str) -> Messages:
-    """instruction + input as the user turn (joined with a newline, as LLaMA-Factory does), output as the reply,
-    optional system, and history as earlier [user, assistant] pairs."""
-    c = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
-         "history": "history", **columns}
-    msgs: Messages = []
-    system = _text(record, c["system"], where, required=False)
-    if system:
-        msgs.append({"role": "system", "content": system})
-    history = record.get(c["history"]) or []
-    if not isinstance(history, list):
-        raise DataError(f"{where}: field {c['history']!r} must be a list of [user, assistant] pairs, found "
-                        f"{type(history).__name__}.", "invalid history")
-    for i, pair in enumerate(history):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise DataError(f"{where}: field {c['history']!r}[{i}] must be a pair of two strings [user, assistant].",
-                            "invalid history")
-        if not pair[1].strip():
-            raise DataError(f"{where}: field {c['history']!r}[{i}] has an empty assistant reply; there is nothing "
-                            f"to train on.", "empty reply")
-        msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    prompt = _text(record, c["prompt"], where)
-    query = _text(record, c["query"], where, required=False)
-    user = "\n".join(x for x in (prompt, query) if x)
-    if not user.strip():
-        raise DataError(f"{where}: fields {c['prompt']!r} and {c['query']!r} are both empty.", "empty prompt")
-    response = _text(record, c["response"], where)
-    if not response.strip():
-        raise DataError(f"{where}: field {c['response']!r} is empty: an empty assistant reply has nothing to "
-                        f"train on.", "empty reply")
-    msgs.append({"role": "user", "content": user})
-    msgs.append({"role": "assistant", "content": response})
-    return msgs
-
-
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system", "observation": "observation", "function_call": "function_call",
-                   "function": "function_call", "tool": "observation", "ipython": "observation"}
-
-
-def _openai_tool_calls(turn: dict, at: str) -> str:
-    """An OpenAI assistant message's ``tool_calls`` as our function_call content (JSON list of name/arguments)."""
-    calls = []
-    for k, call in enumerate(turn["tool_calls"]):
-        fn = call.get("function", call) if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise DataError(f"{at}: tool_calls[{k}] needs a function with a string 'name'.", "invalid function call")
-        args = fn.get("arguments", {})
-        if isinstance(args, str):
-            with contextlib.suppress(json.JSONDecodeError):
-                args = json.loads(args)  # the OpenAI API sends arguments as a JSON string
-        calls.append({"name": fn["name"], "arguments": args})
-    return json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
-
-
-def sharegpt_to_messages(record: dict, entry: DatasetEntry, where: str) -> Messages:
-    """sharegpt (`conversations` of from/value) or OpenAI (`messages` of role/content), tag names remappable."""
-    c, t = entry.columns, entry.tags
-    key = c.get("messages") or ("messages" if "messages" in record and "conversations" not in record
-                                else "conversations")
-    role_tag = t.get("role_tag", "role" if key == "messages" else "from")
-    content_tag = t.get("content_tag", "content" if key == "messages" else "value")
-    roles = dict(_SHAREGPT_ROLES)
-    for tag, role in [("user_tag", "user"), ("assistant_tag", "assistant"), ("observation_tag", "observation"),
-                      ("function_tag", "function_call"), ("system_tag", "system")]:
-        if tag in t:
-            roles[t[tag]] = role
-    if key not in record:
-        raise DataError(f"{where}: field {key!r} is missing (the list of turns).", "missing field")
-    turns = record[key]
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: field {key!r} must be a non-empty list of turns, found "
-                        f"{type(turns).__name__ if not isinstance(turns, list) else 'an empty list'}.",
-                        "missing field")
-    system = _text(record, c["system"], where, required=False) if "system" in c else ""
-    msgs: Messages = []
-    for i, turn in enumerate(turns):
-        at = f"{where}, {key}[{i}]"
-        if not isinstance(turn, dict):
-            raise DataError(f"{at}: a turn must be an object with {role_tag!r} and {content_tag!r}, found "
-                            f"{type(turn).__name__}.", "invalid turn")
-        if role_tag not in turn:
-            raise DataError(f"{at}: field {role_tag!r} is missing.", "missing field")
-        role = roles.get(turn[role_tag]) if isinstance(turn[role_tag], str) else None
-        if role is None:
-            raise DataError(f"{at}: {role_tag}={turn[role_tag]!r} is not a known role ({', '.join(sorted(roles))}); "
-                            f"map it with 'tags' in dataset_info.json.", "unknown role")
-        if role == "assistant" and isinstance(turn.get("tool_calls"), list) and turn["tool_calls"]:
-            msgs.append({"role": "function_call", "content": _openai_tool_calls(turn, at)})
-            continue
-        if content_tag not in turn or turn[content_tag] is None:
-            raise DataError(f"{at}: field {content_tag!r} is missing.", "missing field")
-        content = turn[content_tag]
-        if not isinstance(content, str):
-            raise DataError(f"{at}: field {content_tag!r} must be a string, found {type(content).__name__}.",
-                            "not a string")
-        if role == "system":
-            if i:
-                raise DataError(f"{at}: a system turn may only come first.", "roles out of order")
-            system = content  # a system turn overrides the system column, as in LLaMA-Factory
-            continue
-        if role == "function_call":
-            _check_call(content, at)
-        msgs.append({"role": role, "content": content})
-    offset = 1 if turns and roles.get(turns[0].get(role_tag)) == "system" else 0
-    for i, m in enumerate(msgs):
-        expect = ("user", "observation") if i % 2 == 0 else ("assistant", "function_call")
-        if m["role"] not in expect:
-            raise DataError(f"{where}, {key}[{i + offset}]: role {m['role']!r} where {' or '.join(expect)} is "
-                            f"expected: turns must alternate user/observation and assistant/function_call.",
-                            "roles out of order")
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise DataError(f"{where}, {key}[{i + offset}]: the assistant reply is empty; there is nothing to "
-                            f"train on.", "empty reply")
-    if not msgs:
-        raise DataError(f"{where}: field {key!r} has no user or assistant turns.", "missing field")
-    if len(msgs) % 2:
-        raise DataError(f"{where}, {key}[{len(msgs) - 1 + offset}]: the conversation ends with a "
-                        f"{msgs[-1]['role']} turn; it must end with an assistant reply.", "roles out of order")
-    return ([{"role": "system", "content": system}] if system else []) + msgs
-
-
-def to_messages(record: Any, entry: DatasetEntry, where: str) -> tuple[Messages, list[dict[str, Any]]]:
-    """One record -> (messages, tools). Raises DataError naming ``where`` and the field."""
-    if isinstance(record, DataError):
-        raise record
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: a record must be a JSON object, found {type(record).__name__}.", "not an object")
-    if entry.formatting == "alpaca":
-        msgs = alpaca_to_messages(record, entry.columns, where)
-    else:
-        msgs = sharegpt_to_messages(record, entry, where)
-    return msgs, _tools(record, entry.columns.get("tools", "tools"), where)
-
-
-# --------------------------------------------------------------------------------------------- preparation
 @dataclass
 class DataStats:
     """What preparation did; printed at start, kept in stats.json, and shown by launcher.inspect_data."""
@@ -365,8 +66,9 @@ class DataStats:
 def _code_hash() -> bytes:
     """The code that decides what a prepared dataset contains; a change to it invalidates the cache."""
     here = Path(__file__).parent
-    return b"".join((here / f).read_bytes()
-                    for f in ("data.py", "templates.py", "cut_prompt.py", "packing.py", "mixing.py"))
+    files = ("data.py", "registry.py", "formats.py", "messages.py", "templates.py", "cut_prompt.py", "packing.py",
+             "binpack.py", "mixing.py")
+    return b"".join((here / f).read_bytes() for f in files)
 
 
 def file_digests(entries: list[DatasetEntry]) -> dict[str, str]:

@@ -122,10 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from launcher.config import PROJECT_ROOT, ConfigError, register_configs, resolve_path, to_object, validate
-    from launcher.data import DataError, prepare
+    from launcher.config import PROJECT_ROOT, ConfigError, register_configs, resolve_path, to_object
+    from launcher.data import prepare
     from launcher.model import check_available, load_tokenizer
+    from launcher.registry import DataError
     from launcher.templates import TemplateError
+    from launcher.validate import validate
 
     register_configs()
     try:

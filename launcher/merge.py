@@ -18,7 +18,8 @@ import json
 import os
 import sys
 from pathlib import Path
-from launcher.config import ConfigError, MergeConfig, resolve_path, validate_merge
+from launcher.config import ConfigError, MergeConfig, resolve_path
+from launcher.validate import validate_merge
 
 
 def say(msg: str) -> None:
@@ -52,7 +53,8 @@ def first_question(ask: str, data_dir: str) -> list[dict[str, str]] | None:
     """The prompt turns of the first record named by ``merge.ask``: an entry of ``<data_dir>/dataset_info.json``
     (its columns and format apply) or a JSON file (alpaca, sharegpt or OpenAI messages). None if it names
     neither."""
-    from launcher.data import DatasetEntry, load_registry, read_records, to_messages
+    from launcher.formats import to_messages
+    from launcher.registry import DatasetEntry, load_registry, read_records
 
     file = resolve_path(ask)
     if file.is_file():
@@ -75,7 +77,7 @@ def first_question(ask: str, data_dir: str) -> list[dict[str, str]] | None:
 def run(path: str, overrides: list[str], ask: bool = False) -> int:
     """Export (and verify) the checkpoint at ``path``; with ``ask``, answer merge.ask's first question."""
     from launcher.checkpoint import CheckpointError
-    from launcher.data import DataError
+    from launcher.registry import DataError
     from launcher.export import VerificationError, export, find_checkpoint
     from launcher.integrity import check
 
@@ -108,7 +110,7 @@ def run(path: str, overrides: list[str], ask: bool = False) -> int:
 def answer(folder: Path, mcfg: MergeConfig, data_dir: str) -> int:
     """Print the exported model's answer to the first held-out question of ``merge.ask``."""
     from launcher.chat import generate_reply, load
-    from launcher.data import DataError
+    from launcher.registry import DataError
 
     try:
         messages = first_question(mcfg.ask, data_dir)

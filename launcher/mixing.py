@@ -103,7 +103,7 @@ def _lf_probs(value: Any) -> list[float]:
 
 
 def problems(d: DatasetConfig) -> list[str]:
-    """Every mistake in the mix settings of ``d``, each naming the key and the fix (for config.validate)."""
+    """Every mistake in the mix settings of ``d``, each naming the key and the fix (for launcher.validate)."""
     e: list[str] = []
     lf = d.mix_strategy is not None or d.interleave_probs is not None
     if d.mix_by not in MIX_BY:

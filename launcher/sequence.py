@@ -33,7 +33,7 @@ def data_parallel(rank: int, world: int, sequence: int) -> tuple[tuple[int, int]
 
 def check(cfg: Config, world: int) -> None:
     """Refuse, before any worker starts, a sequence degree this world or model cannot run (the backend and the
-    attention are checked with the rest of the config in ``launcher.config.validate``)."""
+    attention are checked with the rest of the config in ``launcher.validate.validate``)."""
     from transformers import AutoConfig
 
     from launcher.model import model_dir

@@ -1,4 +1,4 @@
-"""Chat templates: conversation messages -> text, token ids and labels, and the same format as a Jinja template.
+"""Chat templates: conversation messages -> text, token ids and labels.
 
 A template is config (``conf/template/<name>.yaml``): slots of markup with holes such as ``{{content}}``. Rules that
 make the encoding safe:
@@ -8,12 +8,10 @@ make the encoding safe:
 * Every reply is tokenised on its own, starting right after the reply header that ends the prompt slot, so the
   prompt part is exactly what the model sees at inference (``add_generation_prompt=True``), and the trained labels
   cover the reply plus its end-of-turn marker.
-* :meth:`Template.to_jinja` writes the same format as a Hugging Face ``chat_template``, so a model exported after
+* launcher/chat_jinja.py writes the same format as a Hugging Face ``chat_template``, so a model exported after
   training formats prompts exactly as training did (tests check it with ``tokenizer.apply_chat_template``).
 
-Messages are ``{"role", "content"}`` dicts with roles ``system`` (first only), ``user``, ``assistant``, and for tool
-use ``function_call`` (a reply whose content is the JSON of one call ``{"name", "arguments"}`` or a list of them)
-and ``observation`` (a tool result, answered by the next reply). Tools are a list of JSON schemas, passed apart.
+Messages and tools are as launcher/messages.py describes them; this module renders and encodes them.
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from launcher.config import TemplateConfig
+from launcher.messages import Messages, arguments_text, parse_tool_calls
 
 IGNORE_INDEX = -100
 PROMPT_ROLES = ("user", "observation")
@@ -34,9 +33,7 @@ SYSTEM_POSITIONS = ("turn", "first_user", "last_user")
 _HOLES = {"prefix": (), "system": ("content",), "user": ("content",), "assistant": ("content",), "separator": (),
           "observation": ("content",), "function_call": ("content",), "tool_call": ("name", "arguments"),
           "tools": ("content", "tools"), "tool_item": ("tool",)}
-_HOLE_RE = re.compile(r"(\{\{(?:content|tools|tool|name|arguments)\}\})")
-
-Messages = Sequence[dict[str, str]]
+HOLE_RE = re.compile(r"(\{\{(?:content|tools|tool|name|arguments)\}\})")
 
 
 class TemplateError(ValueError):
@@ -69,71 +66,6 @@ class _Turn:
         return "".join(t for t, _ in self.pieces)
 
 
-# ------------------------------------------------------------------------------------------------ tool data
-def normalize_tools(tools: Any) -> list[dict[str, Any]]:
-    """Tools as a list of OpenAI-style ``{"type": "function", "function": schema}`` dicts.
-
-    Accepts the JSON string LLaMA-Factory data keeps in its ``tools`` column, a list, or bare function schemas
-    (wrapped, as LLaMA-Factory does). Raises ValueError with the reason when the value is not a list of objects.
-    """
-    if isinstance(tools, str):
-        if not tools.strip():
-            return []
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"not valid JSON ({err.msg})") from None
-    if tools is None:
-        return []
-    if isinstance(tools, dict):
-        tools = [tools]
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise ValueError("must be a list of JSON objects (function schemas)")
-    return [t if t.get("type") == "function" and "function" in t else {"type": "function", "function": t}
-            for t in tools]
-
-
-def parse_tool_calls(content: str) -> list[tuple[str, Any]]:
-    """(name, arguments) of the calls in a function_call message: ``{"name", "arguments"}`` or a list of them."""
-    try:
-        calls = json.loads(content)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"a function_call must be JSON {{\"name\": ..., \"arguments\": {{...}}}} "
-                         f"({err.msg})") from None
-    if isinstance(calls, dict):
-        calls = [calls]
-    if not isinstance(calls, list) or not calls:
-        raise ValueError("a function_call must be a JSON object {\"name\": ..., \"arguments\": {...}} or a list "
-                         "of them")
-    out = []
-    for call in calls:
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or "arguments" not in call:
-            raise ValueError("each function call needs a string \"name\" and \"arguments\"")
-        out.append((call["name"], call["arguments"]))
-    return out
-
-
-def _arguments_text(arguments: Any) -> str:
-    # As the Jinja side prints them: a string as is, anything else as JSON (transformers' tojson).
-    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-
-
-def to_openai_messages(messages: Messages) -> list[dict[str, Any]]:
-    """Our messages in the shape ``apply_chat_template`` and OpenAI-compatible servers take: function_call ->
-    assistant with ``tool_calls``, observation -> ``tool``."""
-    out: list[dict[str, Any]] = []
-    for m in messages:
-        if m["role"] == "function_call":
-            calls = [{"type": "function", "function": {"name": n, "arguments": a}}
-                     for n, a in parse_tool_calls(m["content"])]
-            out.append({"role": "assistant", "content": "", "tool_calls": calls})
-        elif m["role"] == "observation":
-            out.append({"role": "tool", "content": m["content"]})
-        else:
-            out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ template
 class Template:
     """Renders and encodes conversations for one chat format."""
@@ -144,17 +76,17 @@ class Template:
         self.bos = tokenizer.bos_token or ""
         self.eos = tokenizer.eos_token or ""
         specials = {"{{bos}}": self.bos, "{{eos}}": self.eos}
-        self._slot: dict[str, str] = {}
+        self.slots: dict[str, str] = {}  # each slot's markup, bos/eos filled in (chat_jinja.py reads them too)
         for name, allowed in _HOLES.items():
             slot = getattr(cfg, name)
             for k, v in specials.items():
                 slot = slot.replace(k, v)
-            used = {h[2:-2] for h in _HOLE_RE.findall(slot)}
+            used = {h[2:-2] for h in HOLE_RE.findall(slot)}
             if used - set(allowed):
                 raise TemplateError(f"template {cfg.name!r}: slot {name!r} may contain only "
                                     f"{', '.join('{{%s}}' % a for a in allowed) or 'no holes'}, "
                                     f"found {', '.join('{{%s}}' % u for u in sorted(used - set(allowed)))}.")
-            self._slot[name] = slot
+            self.slots[name] = slot
         if cfg.system_position not in SYSTEM_POSITIONS:
             raise TemplateError(f"template {cfg.name!r}: system_position={cfg.system_position!r} is not one of "
                                 f"{', '.join(SYSTEM_POSITIONS)}.")
@@ -167,8 +99,8 @@ class Template:
         self._special_re = re.compile("(" + "|".join(map(re.escape, added)) + ")") if added else None
         self._added = set(added)
         # Slots split once into literal parts and hole names; markup split once into control tokens and text.
-        self._parts = {name: [(p[2:-2], True) if _HOLE_RE.fullmatch(p) else (p, False)
-                              for p in _HOLE_RE.split(slot) if p] for name, slot in self._slot.items()}
+        self._parts = {name: [(p[2:-2], True) if HOLE_RE.fullmatch(p) else (p, False)
+                              for p in HOLE_RE.split(slot) if p] for name, slot in self.slots.items()}
         self._markup_atoms: dict[str, list[tuple[bool, str]]] = {}
 
     # ---------------------------------------------------------------- slots
@@ -184,7 +116,7 @@ class Template:
         return pieces
 
     def _require(self, slot_name: str, role: str) -> str:
-        if not self._slot[slot_name]:
+        if not self.slots[slot_name]:
             raise TemplateError(f"template {self.cfg.name!r} has no {slot_name!r} slot, so it cannot render "
                                 f"{role} turns; pick a template with tool support (e.g. llama3, qwen)")
         return slot_name
@@ -204,7 +136,7 @@ class Template:
         for i, (name, arguments) in enumerate(calls):
             if i:
                 pieces.append(("\n", True))
-            pieces += self._fill("tool_call", name=name, arguments=_arguments_text(arguments))
+            pieces += self._fill("tool_call", name=name, arguments=arguments_text(arguments))
         return pieces
 
     # ---------------------------------------------------------------- rendering
@@ -313,101 +245,10 @@ class Template:
     def render(self, messages: Messages, add_generation_prompt: bool = False,
                tools: Sequence[dict[str, Any]] | None = None) -> str:
         """The conversation as text: what ``tokenizer.apply_chat_template(..., tokenize=False)`` prints with
-        :meth:`to_jinja` as the chat template. With ``add_generation_prompt`` the conversation ends with a prompt
-        turn and the text ends with the reply header."""
+        :func:`launcher.chat_jinja.to_jinja` as the chat template. With ``add_generation_prompt`` the conversation
+        ends with a prompt turn and the text ends with the reply header."""
         head, triples = self._turns(messages, tools, generation=add_generation_prompt)
         return head.text() + "".join(t.text() for triple in triples for t in triple)
-
-    # ---------------------------------------------------------------- Jinja
-    def to_jinja(self) -> str:
-        """This format as a Hugging Face ``chat_template`` (the export writes it into tokenizer_config.json).
-
-        For every conversation :meth:`render` accepts, ``apply_chat_template(to_openai_messages(messages),
-        tools=tools, add_generation_prompt=..., tokenize=False)`` with this template prints the same text. It takes
-        OpenAI-shaped messages: tool calls as ``assistant`` + ``tool_calls``, tool results as role ``tool``. bos/eos
-        are written as the literal tokens of the training tokenizer, so replacing the eos at export does not change
-        the format. A prompt turn always ends with the reply header (it is part of the user/observation slot), so a
-        conversation ending with a user turn renders the same with or without ``add_generation_prompt``.
-        """
-        cfg = self.cfg
-
-        def expr(slot_name: str, **holes: str) -> str:
-            parts = []
-            for part in _HOLE_RE.split(self._slot[slot_name]):
-                if part:
-                    parts.append(holes[part[2:-2]] if _HOLE_RE.fullmatch(part) else _jinja_str(part))
-            return " ~ ".join(parts) or "''"
-
-        position = cfg.system_position
-        user_with_system = expr("user", content=f"({expr('system', content='ns.system')}) ~ message.content")
-        j = [
-            "{#- Generated by launcher.templates.Template.to_jinja from template %s. -#}" % _jinja_comment(cfg.name),
-            "{%- set ns = namespace(system=" + _jinja_str(cfg.default_system)
-            + ", prompts=0, first_user=-1, last_user=-1, tools='', calls='') -%}",
-            "{%- set msgs = messages -%}",
-            "{%- if msgs and msgs[0].role == 'system' -%}{%- set ns.system = msgs[0].content -%}"
-            "{%- set msgs = msgs[1:] -%}{%- endif -%}",
-            "{%- for message in msgs -%}{%- if message.role == 'user' -%}{%- if ns.first_user < 0 -%}"
-            "{%- set ns.first_user = loop.index0 -%}{%- endif -%}{%- set ns.last_user = loop.index0 -%}"
-            "{%- endif -%}{%- endfor -%}",
-            "{{- " + expr("prefix") + " -}}",
-        ]
-        j += ["{%- if tools -%}"]
-        if cfg.tools:
-            tojson = "tool | tojson" + (f"(indent={cfg.tool_indent})" if cfg.tool_indent is not None else "")
-            j += ["{%- for tool in tools -%}{%- set ns.tools = ns.tools ~ " + expr("tool_item", tool=tojson)
-                  + " -%}{%- endfor -%}",
-                  "{{- " + expr("tools", content="ns.system", tools="ns.tools") + " -}}"]
-        else:
-            j += ["{{- raise_exception(" + _jinja_str(f"template {cfg.name} has no tools slot") + ") -}}"]
-        if position == "turn":
-            j += ["{%- elif ns.system -%}", "{{- " + expr("system", content="ns.system") + " -}}"]
-        j += ["{%- endif -%}"]
-        system_here = {"turn": "false", "first_user": "loop.index0 == ns.first_user",
-                       "last_user": "loop.index0 == ns.last_user"}[position]
-        j += [
-            "{%- for message in msgs -%}",
-            "{%- if message.role in ['user', 'tool', 'observation', 'ipython'] -%}",
-            "{%- if ns.prompts > 0 -%}{{- " + expr("separator") + " -}}{%- endif -%}",
-            "{%- set ns.prompts = ns.prompts + 1 -%}",
-            "{%- if message.role == 'user' and ns.system and " + system_here + " -%}",
-            "{{- " + user_with_system + " -}}",
-            "{%- elif message.role == 'user' -%}",
-            "{{- " + expr("user", content="message.content") + " -}}",
-        ]
-        if cfg.observation:
-            j += ["{%- else -%}", "{{- " + expr("observation", content="message.content") + " -}}"]
-        else:
-            j += ["{%- else -%}", "{{- raise_exception(" + _jinja_str(
-                f"template {cfg.name} cannot render tool results") + ") -}}"]
-        j += ["{%- endif -%}"]
-        j += ["{%- elif message.role == 'assistant' and message.tool_calls -%}"]
-        if cfg.function_call:
-            j += [
-                "{%- set ns.calls = '' -%}",
-                "{%- for call in message.tool_calls -%}",
-                "{%- if call.function is defined -%}{%- set call = call.function -%}{%- endif -%}",
-                "{%- if call.arguments is string -%}{%- set arguments = call.arguments -%}"
-                "{%- else -%}{%- set arguments = call.arguments | tojson -%}{%- endif -%}",
-                "{%- set ns.calls = ns.calls ~ ('\\n' if not loop.first else '') ~ "
-                + expr("tool_call", name="call.name", arguments="arguments") + " -%}",
-                "{%- endfor -%}",
-                "{{- " + expr("function_call", content="ns.calls") + " -}}",
-            ]
-        else:
-            j += ["{{- raise_exception(" + _jinja_str(f"template {cfg.name} cannot render tool calls") + ") -}}"]
-        j += [
-            "{%- elif message.role == 'assistant' -%}",
-            "{{- " + expr("assistant", content="message.content") + " -}}",
-            "{%- else -%}",
-            "{{- raise_exception('unexpected role ' ~ message.role ~ ': a system message may only come first') -}}",
-            "{%- endif -%}",
-            "{%- endfor -%}",
-        ]
-        if cfg.efficient_eos:
-            j += ["{%- if not add_generation_prompt and msgs and msgs[-1].role == 'assistant' -%}{{- "
-                  + _jinja_str(self.eos) + " -}}{%- endif -%}"]
-        return "\n".join(j)
 
     # ---------------------------------------------------------------- encoding
     def _atoms(self, turn: _Turn) -> list[tuple[bool, str]]:
@@ -490,18 +331,6 @@ class Template:
                **kw: bool) -> Encoded | None:
         return self.encode_batch([messages], cutoff_len, tools=[tools], **kw)[0]
 
-
-def _jinja_str(text: str) -> str:
-    """A Jinja string literal. Jinja decodes literals with unicode-escape after backslash-escaping non-ASCII, so
-    only backslash, the quote and control characters need escaping."""
-    out = text.replace("\\", "\\\\").replace('"', '\\"')
-    out = re.sub(r"[\x00-\x1f\x7f]", lambda m: {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(
-        m.group(), "\\x%02x" % ord(m.group())), out)
-    return f'"{out}"'
-
-
-def _jinja_comment(text: str) -> str:
-    return text.replace("#}", "# }")
 
 
 def _assemble(turn_ids: list[list[int]], n_pairs: int, starts: list[int], alts: list[int], cutoff: int,

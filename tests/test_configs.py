@@ -8,7 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from launcher.config import ConfigError, register_configs, to_object, validate
+from launcher.config import ConfigError, register_configs, to_object
+from launcher.validate import validate
 from tests.conftest import ROOT, run_launcher
 
 CONF = ROOT / "conf"

@@ -13,7 +13,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from launcher.config import DatasetConfig, TemplateConfig
-from launcher.data import DataError, DatasetEntry, cache_key, load_registry, prepare, read_records, to_messages
+from launcher.data import cache_key, prepare
+from launcher.formats import to_messages
+from launcher.registry import DataError, DatasetEntry, load_registry, read_records
 from launcher.templates import IGNORE_INDEX
 from tests.conftest import ROOT, run_launcher
 

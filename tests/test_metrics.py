@@ -401,7 +401,8 @@ def test_validation_dataset_and_unreachable_wandb_do_not_stop_training(tmp_path:
 ])
 def test_monitoring_config_mistakes_are_named(overrides: list[str], needle: str) -> None:
     from hydra import compose, initialize_config_dir
-    from launcher.config import ConfigError, register_configs, to_object, validate
+    from launcher.config import ConfigError, register_configs, to_object
+    from launcher.validate import validate
 
     register_configs()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):

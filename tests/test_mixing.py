@@ -12,11 +12,12 @@ import datasets
 import numpy as np
 import pytest
 
-from launcher.config import ConfigError, DatasetConfig, to_object, validate
+from launcher.config import ConfigError, DatasetConfig, to_object
 from launcher.data import prepare
 from launcher.inspect_data import report
 from launcher.mixing import MixSpec, mix_indices, problems, resolve
 from launcher.packing import load_plan, plan_path
+from launcher.validate import validate
 from tests.conftest import run_launcher
 from tests.test_configs import _compose
 from tests.test_data import TOKENIZER_DIR, template

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from launcher.packing import (RowLoader, best_fit_decreasing, collate, load_plan, pack_dataset, pack_lengths,
-                              pack_rows, plan_path, record_lengths, subset_sum_fill)
+from launcher.binpack import best_fit_decreasing, pack_rows, subset_sum_fill
+from launcher.packing import RowLoader, collate, load_plan, pack_dataset, pack_lengths, plan_path, record_lengths
 from launcher.templates import IGNORE_INDEX
 
 

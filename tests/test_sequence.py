@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher.config import ConfigError, validate
+from launcher.config import ConfigError
 from launcher.packing import collate
 from launcher.sequence import check, data_parallel, packed_sdpa
 from launcher.templates import IGNORE_INDEX
+from launcher.validate import validate
 from tests.conftest import run_launcher
 from tests.test_configs import _compose
 from launcher.config import to_object

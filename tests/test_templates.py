@@ -11,8 +11,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from launcher.chat_jinja import to_jinja
 from launcher.config import TemplateConfig, register_configs
-from launcher.templates import IGNORE_INDEX, Template, TemplateError, normalize_tools, to_openai_messages
+from launcher.messages import normalize_tools, to_openai_messages
+from launcher.templates import IGNORE_INDEX, Template, TemplateError
 from tests.conftest import ROOT
 
 FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
@@ -171,7 +173,7 @@ def _hf(tokenizer, chat_template: str, messages, **kw) -> str:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_to_jinja_renders_what_render_renders(name: str, case: str, tokenizer) -> None:
     t = load_template(name, tokenizer)
-    jinja = t.to_jinja()
+    jinja = to_jinja(t)
     conv = CASES[case]
     assert _hf(tokenizer, jinja, to_openai_messages(conv)) == t.render(conv)
     prompt = conv[:-1]
@@ -187,9 +189,9 @@ def test_to_jinja_renders_tools(name: str, with_system: bool, tokenizer) -> None
     conv = ([SYSTEM] if with_system else []) + TOOL_CONV
     text = t.render(conv, tools=tools)
     assert '"get_weather"' in text and "서울은 맑고 21도입니다." in text
-    assert _hf(tokenizer, t.to_jinja(), to_openai_messages(conv), tools=tools) == text
+    assert _hf(tokenizer, to_jinja(t), to_openai_messages(conv), tools=tools) == text
     for end in (len(conv) - 3, len(conv) - 1):  # prompts ending with the user turn, and with the tool result
-        assert _hf(tokenizer, t.to_jinja(), to_openai_messages(conv[:end]), tools=tools,
+        assert _hf(tokenizer, to_jinja(t), to_openai_messages(conv[:end]), tools=tools,
                    add_generation_prompt=True) == t.render(conv[:end], add_generation_prompt=True, tools=tools)
 
 
@@ -403,7 +405,7 @@ def test_exported_chat_template_gives_the_training_prompt_ids(name: str, tokeniz
     """What the export writes as chat_template tokenises an inference prompt to exactly the ids training masked."""
     t = load_template(name, tokenizer)
     conv = [SYSTEM, *MULTI_EN]
-    ids = tokenizer.apply_chat_template(to_openai_messages(conv[:-1]), chat_template=t.to_jinja(),
+    ids = tokenizer.apply_chat_template(to_openai_messages(conv[:-1]), chat_template=to_jinja(t),
                                         add_generation_prompt=True, tokenize=True, return_dict=False)
     enc = t.encode(conv, mask_history=True)  # earlier replies are part of the prompt here
     n = len(ids)
@@ -466,6 +468,6 @@ def test_llama3_rag_lf_has_no_blank_line_after_the_assistant_header(tokenizer) -
         tokenizer("4.", add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|eot_id|>")]
     # Served with the same text: the exported chat template's generation prompt ends at the bare header, and a
     # tool result hands over to the reply the same way.
-    prompt = _hf(tokenizer, ours.to_jinja(), to_openai_messages(SINGLE[:1]), add_generation_prompt=True)
+    prompt = _hf(tokenizer, to_jinja(ours), to_openai_messages(SINGLE[:1]), add_generation_prompt=True)
     assert prompt == ours.render(SINGLE[:1], add_generation_prompt=True) and prompt.endswith("<|eot_id|>" + header)
     assert ours.render(TOOL_CONV, tools=normalize_tools(TOOLS)).count(header + "서울은") == 1

@@ -209,7 +209,7 @@ class BackendKind:
 
     # ------------------------------------------------------------------ config
     def config_problems(self, cfg: Config) -> list[str]:
-        """This backend's part of :func:`launcher.config.validate` (messages name the key and the fix)."""
+        """This backend's part of :func:`launcher.validate.validate` (messages name the key and the fix)."""
         problems = []
         if cfg.finetune.method == "qlora" and not self.supports_qlora:
             problems.append(f"finetune.method=qlora runs with backend=single only (4-bit weights cannot be sharded "

@@ -32,7 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from launcher.checkpoint import CheckpointError
 from launcher.config import Config, ConfigError, GenerateConfig, load_run_config
-from launcher.data import DataError
+from launcher.registry import DataError
 from launcher.evaluate.generation import (GENERATIONS_FILE, GenerationEval, append_generations, check_config,
                                           load_prompts)
 from launcher.export import consolidated_state_dict, find_checkpoint

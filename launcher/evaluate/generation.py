@@ -29,8 +29,9 @@ from typing import Any
 import torch
 
 from launcher.config import Config, ConfigError, GenerateConfig, resolve_path
-from launcher.data import DataError, load_registry, read_records, to_messages
 from launcher.evaluate.tasks import METRICS, NEEDS, SqlSettings, average, document_ids, scorers, sql_exec
+from launcher.formats import to_messages
+from launcher.registry import DataError, load_registry, read_records
 from launcher.templates import IGNORE_INDEX, Template, TemplateError
 
 PROMPTS_FILE = "generate_prompts.jsonl"

@@ -20,6 +20,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from launcher.backends.base import Reader
+from launcher.chat_jinja import to_jinja
 from launcher.checkpoint import CheckpointError
 from launcher.config import Config, ConfigError, MergeConfig
 from launcher.export.locate import base_name, check_complete, is_adapter, lora_layers, tied_groups, uses_lora
@@ -192,7 +193,7 @@ def write_tokenizer_and_configs(cfg: Config, plan: ExportPlan, hf_config: Any, b
     tokenizer = load_tokenizer(cfg.model)
     original_eos = tokenizer.eos_token_id
     # bos/eos are baked into the Jinja text as literal tokens, so replacing the eos below does not change it.
-    tokenizer.chat_template = Template(cfg.template, tokenizer).to_jinja()
+    tokenizer.chat_template = to_jinja(Template(cfg.template, tokenizer))
     stops = stop_token_ids(tokenizer, list(cfg.template.stop_words), str(base_dir))
     if cfg.template.replace_eos and cfg.template.stop_words:
         tokenizer.eos_token = cfg.template.stop_words[0]  # `generate` with the bare tokenizer stops at a turn end
