@@ -129,8 +129,10 @@ def build_loader(cfg: Config, spec: RunSpec, backend: Backend, pad_id: int) -> t
 
 def build_model(cfg: Config, dtype: torch.dtype, empty: bool) -> torch.nn.Module:
     """The model with its fine-tuning method applied (what every backend's ``build`` wraps)."""
+    # attention_of decides what ``auto`` loads for this run: packed attention for packed rows, but sdpa under
+    # sequence parallelism, whose Ulysses wrapper replaces sdpa and keeps the records apart itself.
     model = load_model(cfg.model, dtype, empty=empty, quantize_4bit=cfg.finetune.method == "qlora",
-                       packing=cfg.dataset.packing)
+                       packing=attention_of(cfg) == PACKED)
     torch.manual_seed(cfg.train.seed)  # adapter init must not depend on how each backend loaded the base
     return apply_finetune(model, cfg.finetune)
 
