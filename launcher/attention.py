@@ -16,19 +16,20 @@ micro-batch from the row plan (``cu_seq_lens_q``/``max_length_q``, which transfo
 The boundaries may cover one flattened row or several rows of equal width (padding is a sequence of its own); a
 record never spans two rows. Called without boundaries (a plain forward) each row is one causal sequence; a
 padding mask would be ignored, which is why unpacked training, generation and export load ``sdpa`` instead
-(:func:`resolve`).
+(:func:`resolve`), and generation inside a packed training run switches to it (:func:`unpacked`).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
+from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 PACKED = "packed"
@@ -156,3 +157,19 @@ def _per_record(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bou
 
 
 AttentionInterface.register(PACKED, packed_attention)
+
+
+@contextmanager
+def unpacked(model: torch.nn.Module) -> Iterator[None]:
+    """Run a model trained with packed attention on plain batches (generation: left padding and a KV cache) with
+    sdpa, which honours the padding mask the packed function ignores; restored afterwards. ``model`` may be
+    wrapped (DeepSpeed engine, PEFT, FSDP2): its outermost transformers model is switched."""
+    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if hf is None or hf.config._attn_implementation != PACKED:
+        yield
+        return
+    hf.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        hf.set_attn_implementation(PACKED)

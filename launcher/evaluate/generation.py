@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from launcher.attention import unpacked
 from launcher.config import Config, ConfigError, GenerateConfig, resolve_path
 from launcher.evaluate.tasks import METRICS, NEEDS, SqlSettings, average, document_ids, scorers, sql_exec
 from launcher.formats import to_messages
@@ -313,7 +314,7 @@ class GenerationEval:
         model.eval()
         answers: dict[int, list[int]] = {}
         try:
-            with context or nullcontext():
+            with context or nullcontext(), unpacked(model):
                 for k in range(self.calls):
                     batch = self.mine[k] if k < len(self.mine) else self.placeholder
                     with autocast or nullcontext():
