@@ -123,7 +123,7 @@ def submit(tmp: Path, script: str, *args: str, sbatch: tuple[str, ...] = (), run
 
 def losses(run_dir: Path) -> dict[int, float]:
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return {x["step"]: x["loss"] for x in lines}
+    return {x["step"]: x["loss"] for x in lines if "loss" in x}  # generation-eval records carry no loss
 
 
 def leaked(jid: int) -> list[str]:
