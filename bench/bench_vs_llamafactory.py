@@ -161,6 +161,7 @@ def run_launcher(attn: str, world: int, steps: int, tmp: Path, port: int, thread
                  "dataset.names=[text2sql_ko]", "dataset.cutoff_len=1024", "dataset.packing=true",
                  "train.micro_batch_size=1", "train.grad_accum=1", f"train.max_steps={steps}", "train.log_every=1",
                  "train.seed=42", "merge.after_train=false", "logger.plot=false", f"output_dir={tmp}",
+                 "eval.generate.datasets=[]", "eval.generate.before=false",
                  f"launcher.omp_num_threads={threads_per_process(world, threads)}"]
     # backend=single trains inside the launcher's own process, which launcher.omp_num_threads does not reach (it
     # sets the workers' environment): give the process the same thread count through its environment.

@@ -15,7 +15,11 @@ autocast, and trained with the launcher's own pieces: ``SingleBackend`` (backend
 2. **speed and memory** of ``packed`` vs ``sdpa`` vs ``flash_attention_2`` (when flash-attn is installed) on the
    same micro-batches: real tokens/s over the measured steps after warm-up, peak ``torch.cuda.max_memory_allocated``,
    model FLOPs (launcher.metrics.FlopCounter, each record's own attention) and MFU against the GPU's bf16 peak;
-3. **the memory planner's estimate** (launcher.planner.estimate for this config and attention) against that peak.
+3. **the memory planner's estimate** (launcher.planner.estimate for this config and attention) against that peak;
+4. **a long row** (``--long`` tokens, default 16,384; one record, every position supervised: the loss's worst
+   case) trained with ``packed`` attention, the chunked loss (launcher/loss.py, ``train.loss_chunk_tokens`` 2048,
+   DeepSpeed's Triton kernel on CUDA) against the plain full-logits loss: the loss of both before training
+   (must agree within bf16 tolerance), peak memory and tokens/s of a training step of each.
 
 Everything goes to one JSON file (``--out``; default ``$OUT/gpu_check.json`` when ``$OUT`` is set, else
 ``outputs/gpu_check.json``), and a short table to stdout. Exit status 1 if a loss check fails.
@@ -45,8 +49,11 @@ from launcher.config import (BackendConfig, Config, DatasetConfig, FinetuneConfi
                              OptimizerConfig, TemplateConfig, TrainerConfig)
 from launcher.metrics import FlopCounter, device_peak_flops  # noqa: E402
 from launcher.packing import collate, pack_lengths, varlen_attention  # noqa: E402
+from functools import partial  # noqa: E402
+
 from launcher.planner import estimate, load_shape  # noqa: E402
 from launcher.templates import IGNORE_INDEX  # noqa: E402
+from launcher.loss import loss_chunks  # noqa: E402
 from launcher.train import forward_backward, token_loss_sum  # noqa: E402
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -130,6 +137,37 @@ def measure(model, backend, cfg: Config, attn: str, batches_rows: list[list[list
             "planner_over_measured": plan.total / measured if measured else None}
 
 
+def long_row(model, backend, length: int, chunk_tokens: int, vocab: int, device: torch.device, tol: float,
+             steps: int = 2) -> dict:
+    """One row of ``length`` tokens (one record, all supervised), packed attention: plain vs chunked loss."""
+    set_attention(model, PACKED)
+    ids = torch.randint(3, vocab, (length,), generator=torch.Generator().manual_seed(1)).tolist()
+    batch = {k: v.to(device) for k, v in collate([[{"input_ids": ids, "labels": ids}]], 0, flatten=True).items()}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out: dict = {"tokens": length, "chunk_tokens": chunk_tokens}
+    loss_fns = {name: partial(token_loss_sum, chunks=chunks)
+                for name, chunks in (("plain", 0), ("chunked", loss_chunks(chunk_tokens, length, 1)))}
+    with torch.no_grad(), backend.autocast():  # both on the same weights, before either trains
+        before = {name: float(fn(model, batch)) / (length - 1) for name, fn in loss_fns.items()}
+    for name, loss_fn in loss_fns.items():
+        forward_backward(model, [batch], backend, backend.autocast(), loss_fn)  # warm-up
+        backend.step()
+        sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            forward_backward(model, [batch], backend, backend.autocast(), loss_fn)
+            backend.step()
+        sync()
+        out[name] = {"chunks": loss_fn.keywords["chunks"], "loss_before": before[name], "tokens_per_s": steps * length / (time.perf_counter() - t0),
+                     "peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+    ref = out["plain"]["loss_before"]
+    out["rel_diff"] = abs(out["chunked"]["loss_before"] - ref) / abs(ref)
+    out["tolerance"], out["ok"] = tol, out["rel_diff"] <= tol
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -138,6 +176,7 @@ def main() -> None:
     ap.add_argument("--mbs", type=int, default=2, help="rows per micro-batch")
     ap.add_argument("--steps", type=int, default=8, help="measured steps per attention")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--long", type=int, default=None, help="long-row tokens (default 16384; 1024 with --tiny); 0: skip")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -182,6 +221,11 @@ def main() -> None:
         for attn in attns:
             result["attention"][attn] = measure(model, backend, cfg, attn, batches_rows, args.warmup, device, peak)
             print(f"{attn}: {json.dumps(result['attention'][attn])}", flush=True)
+        long = args.long if args.long is not None else (1024 if args.tiny else 16384)
+        if long:
+            result["long_row"] = long_row(model, backend, long, 2048 if not args.tiny else 256, dims["vocab_size"],
+                                          device, 1e-2 if dtype == "bfloat16" else 1e-5)
+            print(f"long row: {json.dumps(result['long_row'])}", flush=True)
     ref = result["attention"]["sdpa"]["tokens_per_s"]
     result["packed_over_sdpa_tokens_per_s"] = result["attention"][PACKED]["tokens_per_s"] / ref
     out_path.write_text(json.dumps(result, indent=1))
@@ -198,8 +242,19 @@ def main() -> None:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
         print(f"{attn:<20} {r['kernel']:<20} {r['tokens_per_s']:>10,.0f} {mfu:>7} {gib(r['peak_allocated_bytes']):>9} "
               f"{gib(r['planner_total_bytes']):>12}")
-    print(f"packed / sdpa tokens/s: {result['packed_over_sdpa_tokens_per_s']:.2f}x; results: {out_path}")
-    sys.exit(0 if lc["ok"] else 1)
+    print(f"packed / sdpa tokens/s: {result['packed_over_sdpa_tokens_per_s']:.2f}x")
+    ok = lc["ok"]
+    if "long_row" in result:
+        lr = result["long_row"]
+        ok = ok and lr["ok"]
+        print(f"long row of {lr['tokens']:,} tokens, packed attention: loss plain {lr['plain']['loss_before']:.5f}, "
+              f"chunked {lr['chunked']['loss_before']:.5f} ({lr['rel_diff']:.1e}, {'ok' if lr['ok'] else 'FAILED'})")
+        for name in ("plain", "chunked"):
+            r = lr[name]
+            gib = f"{r['peak_allocated_bytes'] / 2**30:.2f} GiB" if r["peak_allocated_bytes"] else "-"
+            print(f"  {name:<8} loss ({r['chunks']} chunks): {r['tokens_per_s']:,.0f} tokens/s, peak {gib}")
+    print(f"results: {out_path}")
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check of packed attention (bench/gpu_check.py): packed vs unpacked loss, packed vs sdpa vs flash_attention_2
-# tokens/s and peak memory, MFU, and the memory planner's estimate, on a ~1B Llama built from its config.
+# GPU check (bench/gpu_check.py): packed vs unpacked loss, packed vs sdpa vs flash_attention_2
+# tokens/s and peak memory, MFU, the memory planner's estimate, and a bf16 16k-token row with the chunked loss vs
+# the plain one, on a ~1B Llama built from its config.
 # Runs as is on a bare GPU machine without network: python3 with torch (CUDA), transformers, accelerate, peft and
 # safetensors, but no hydra-core/omegaconf (the launcher's config imports them). Those come as wheels carried
 # in .whl/ (git-ignored, ~400 KB), prepared on a machine with network from the project root:

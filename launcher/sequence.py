@@ -7,10 +7,12 @@ in each attention layer DeepSpeed's ``UlyssesSPAttentionHF`` exchanges sequence 
 each rank attends over the whole row for 1/N of the heads, and back. The groups and the all-to-all are
 DeepSpeed's own (``deepspeed.runtime.sequence_parallel``); the engine gets them as its ``mpu``.
 
-The attention the wrapper calls after the all-to-all is sdpa with a block-diagonal causal mask built from the
-gathered position ids (a record starts where its position is 0), so packed records stay apart: the wrapper itself
-drops masks and would otherwise run plain causal attention over the whole row, letting each record see the ones
-before it (the worker's start-up leak check runs sharded too and would refuse that).
+The attention the wrapper calls after the all-to-all is the launcher's packed attention (launcher.attention:
+per-record causal sdpa on CPU, a varlen flash kernel on CUDA) over the records that the gathered position ids
+delimit (a record starts where its position is 0), so packed records stay apart and only their own blocks are
+computed, with no O(L²) mask: the wrapper itself drops masks and would otherwise run plain causal attention over
+the whole row, letting each record see the ones before it (the worker's start-up leak check runs sharded too and
+would refuse that).
 
 The loss needs nothing special: each rank sums its slice's token losses, and the step's supervised-token count is
 summed over all ranks, as without sequence parallelism. Model states stay sharded over the whole world.
@@ -22,6 +24,7 @@ from typing import Any
 
 import torch
 
+from launcher.attention import packed_attention
 from launcher.config import Config, ConfigError
 
 
@@ -56,27 +59,32 @@ def check(cfg: Config, world: int) -> None:
                           f"parallel.sequence=1.")
 
 
-def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """transformers' sdpa over whole rows, keeping packed records apart by their (gathered) position ids."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def packed_after_all_to_all(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """The attention the Ulysses wrapper calls on whole rows: :func:`launcher.attention.packed_attention` over the
+    records that the (gathered) position ids delimit, so only each record's own blocks are computed and no
+    ``[rows, 1, L, L]`` mask is built (that mask is what kept per-rank memory from halving)."""
+    cu, longest = _boundaries(kwargs.pop("position_ids"))
+    kwargs.pop("cu_seq_lens_q", None), kwargs.pop("max_length_q", None)  # a slice's own; the row's are above
+    return packed_attention(module, query, key, value, None, cu_seq_lens_q=cu, max_length_q=longest, **kwargs)
 
-    return sdpa_attention_forward(module, query, key, value, _packed_mask(kwargs.pop("position_ids")), **kwargs)
+
+_last: list[tuple[torch.Tensor, tuple[torch.Tensor, int]]] = []  # (position ids, boundaries) of the latest layer
 
 
-_last_mask: list[tuple[torch.Tensor, torch.Tensor]] = []  # (position ids, mask) of the latest layer
-
-
-def _packed_mask(pos: torch.Tensor) -> torch.Tensor:
-    """Causal, block-diagonal ``[rows, 1, n, n]`` boolean mask: a record starts where its position is 0. Every
-    layer of a forward sees the same positions, so the layers share one mask (one copy saved for backward)."""
-    if _last_mask and _last_mask[0][0].shape == pos.shape and torch.equal(_last_mask[0][0], pos):
-        return _last_mask[0][1]
-    doc = (pos == 0).cumsum(-1)  # which record of its row each token belongs to
-    idx = torch.arange(pos.shape[-1], device=pos.device)
-    mask = ((doc[:, :, None] == doc[:, None, :]) & (idx[:, None] >= idx[None, :]))[:, None]
-    _last_mask[:] = [(pos, mask)]
-    return mask
+def _boundaries(pos: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sequence boundaries over a ``[rows, L]`` batch's tokens row after row, and the longest sequence: a record
+    (or a row's tail padding, which collate numbers 0, 1, ...) starts where its position is 0, and every row
+    starts one. All layers of a forward see the same positions, so they share one computation."""
+    if _last and _last[0][0].shape == pos.shape and torch.equal(_last[0][0], pos):
+        return _last[0][1]
+    starts = pos == 0
+    starts[:, 0] = True
+    at = starts.flatten().nonzero().flatten()
+    cu = torch.cat([at, at.new_tensor([pos.numel()])]).to(torch.int32)
+    result = cu, int((cu[1:] - cu[:-1]).max())
+    _last[:] = [(pos, result)]
+    return result
 
 
 def setup(cfg: Config) -> Any:
@@ -85,7 +93,7 @@ def setup(cfg: Config) -> Any:
 
     Like ``UlyssesSPAttentionHF.register_with_transformers``, but with one wrapper per batch size (the wrapper
     checks a fixed one, and the start-up leak check and evaluation use other sizes than training) and with
-    :func:`packed_sdpa` as the attention it calls after the all-to-all.
+    :func:`packed_after_all_to_all` as the attention it calls after the all-to-all.
     """
     import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
@@ -104,11 +112,11 @@ def setup(cfg: Config) -> Any:
         rows = query.shape[0]
         if rows not in wrappers:
             wrappers[rows] = UlyssesSPAttentionHF(
-                attn=packed_sdpa, batch_size=rows, attn_head_count=arch.num_attention_heads,
+                attn=packed_after_all_to_all, batch_size=rows, attn_head_count=arch.num_attention_heads,
                 attn_head_size=getattr(arch, "head_dim", None) or arch.hidden_size // arch.num_attention_heads,
                 kv_head_count=arch.num_key_value_heads, num_hidden_layers=arch.num_hidden_layers,
                 process_group=mpu.get_sequence_parallel_group(), seq_length_is_variable=True)
-        # The mask transformers built covers this rank's slice only; packed_sdpa builds the whole row's.
+        # The mask transformers built covers this rank's slice only; the boundaries come from the row's positions.
         return wrappers[rows](module, query, key, value, None, *args, **kwargs)
 
     ALL_ATTENTION_FUNCTIONS["sdpa"] = attention

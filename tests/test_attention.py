@@ -168,3 +168,23 @@ def test_a_model_trained_with_packed_attention_saves_a_config_plain_transformers
     assert PACKED not in (tmp_path / "config.json").read_text()
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
 
+
+
+def test_the_gpu_check_runs_its_checks_on_cpu(tmp_path) -> None:
+    """bench/gpu_check.py (run on a lent GPU, never in CI) with a tiny model on CPU: every path it takes on the GPU
+    but the kernels runs, and its loss checks (packed = unpacked, chunked = plain on a long row) pass."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu_check.json"
+    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--tiny", "--steps", "1",
+                        "--warmup", "1", "--long", "512", "--out", str(out)], cwd=root, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["loss_check"]["ok"] and result["long_row"]["ok"]
+    assert result["long_row"]["chunked"]["chunks"] == 2 and result["long_row"]["plain"]["chunks"] == 0
+    assert set(result["attention"]) >= {PACKED, "sdpa"}

@@ -8,7 +8,7 @@ import torch
 
 from launcher.config import ConfigError
 from launcher.packing import collate
-from launcher.sequence import check, data_parallel, packed_sdpa
+from launcher.sequence import check, data_parallel, packed_after_all_to_all
 from launcher.templates import IGNORE_INDEX
 from launcher.validate import validate
 from tests.conftest import run_launcher
@@ -44,17 +44,20 @@ def test_data_parallel_ranks_of_a_sequence_group() -> None:
                                                           ((1, 2), (0, 2)), ((1, 2), (1, 2))]
 
 
-def test_packed_sdpa_keeps_records_apart() -> None:
-    """The attention after the all-to-all: records packed in a row never see each other."""
+def test_attention_after_the_all_to_all_keeps_records_apart() -> None:
+    """The attention after the all-to-all, on whole rows: each record (one of a single token, and a row's tail
+    padding, numbered 0, 1, ... by collate) gets exactly the causal attention it would get alone."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 0, 1, 2], [0, 1, 2, 3, 4, 0, 1, 0]])
+    q, k, v = (torch.randn(2, 2, 8, 4, dtype=torch.float64) for _ in range(3))
     module = torch.nn.Module()
     module.is_causal, module.training = True, False
-    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
-    out, _ = packed_sdpa(module, q, k, v, None, position_ids=pos, dropout=0.0, scaling=0.5)
-    alone, _ = packed_sdpa(module, q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], None, position_ids=pos[:, 4:],
-                           dropout=0.0, scaling=0.5)
-    assert torch.allclose(out[:, 4:], alone, atol=1e-6)
+    out, _ = packed_after_all_to_all(module, q, k, v, None, position_ids=pos, dropout=0.0, scaling=0.5)
+    for row, records in enumerate([[(0, 4), (4, 5), (5, 8)], [(0, 5), (5, 7), (7, 8)]]):
+        for lo, hi in records:
+            alone = torch.nn.functional.scaled_dot_product_attention(
+                *(t[row:row + 1, :, lo:hi] for t in (q, k, v)), is_causal=True, scale=0.5)
+            assert torch.allclose(out[row, lo:hi], alone[0].transpose(0, 1), atol=1e-12), (row, lo, hi)
 
 
 def cfg(*overrides: str):
