@@ -48,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LF_VERSION = "0.9.5"
 TORCH_VERSION = "2.13.0"
 DS_VERSION = "0.19.8"
-# LLaMA-Factory's DeepSpeed ZeRO-3 settings: HF "auto" values, the same ZeRO options as ds_configs/zero3.json.
+# LLaMA-Factory's DeepSpeed ZeRO-3 settings: the same ZeRO options as ds_configs/zero3.json, HF "auto" values for
+# the batch, and the bucket sizes the launcher's "auto" resolves to (filled in lf_args).
 LF_ZERO3 = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
             "zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
@@ -121,7 +122,13 @@ def lf_args(model_dir: Path, out: Path, neat: bool, steps: int, world: int, seed
             "flash_attn": "sdpa", "bf16": False, "fp16": False, "dataloader_num_workers": 0, "seed": seed,
             "plot_loss": False, "overwrite_output_dir": True}
     if world > 1:
-        (out / "zero3.json").write_text(json.dumps(LF_ZERO3))
+        # The bucket sizes the launcher fills its "auto" entries with (HF's rules, the reduce bucket not below a
+        # floor), so that both tools run the same ZeRO-3 settings.
+        from launcher.backends.deepspeed import auto_buckets
+
+        hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
+        zero3 = {**LF_ZERO3, "zero_optimization": {**LF_ZERO3["zero_optimization"], **auto_buckets(hidden)}}
+        (out / "zero3.json").write_text(json.dumps(zero3))
         args["deepspeed"] = str(out / "zero3.json")
     return args
 
@@ -137,7 +144,9 @@ def run_lf(lf_venv: Path, model_dir: Path, pad_id: int, neat: bool, world: int, 
     spec = {"args": lf_args(model_dir, tmp, neat, steps, world, 42), "out": str(tmp / "clock"), "pad_id": pad_id}
     (tmp / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_process(world, threads)), "DISABLE_VERSION_CHECK": "1",
-           "HF_HUB_OFFLINE": "1", "WANDB_DISABLED": "true", "PYTHONPATH": "", "DS_ACCELERATOR": "cpu"}
+           "HF_HUB_OFFLINE": "1", "WANDB_DISABLED": "true", "PYTHONPATH": "", "DS_ACCELERATOR": "cpu",
+           # its DeepSpeed's compiled ops apart from the launcher's: sharing one folder rebuilt them every launch
+           "TORCH_EXTENSIONS_DIR": str(lf_venv / "torch_extensions")}
     if world == 1:
         cmd = [str(lf_venv / "bin" / "python"), __file__, "--lf-worker", str(tmp / "spec.json")]
     else:

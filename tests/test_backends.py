@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.backends.deepspeed import fill_ds_config
+from launcher.backends.deepspeed import MIN_REDUCE_BUCKET, fill_ds_config
 from launcher.config import Config, ConfigError
 from tests.conftest import ROOT, run_launcher
 
@@ -132,7 +132,10 @@ def test_ds_config_auto_values_are_filled() -> None:
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == cfg.optimizer.max_grad_norm
     assert ds["bf16"]["enabled"] is (cfg.model.dtype == "bfloat16")
-    assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    z = ds["zero_optimization"]
+    assert z["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64) and z["stage3_param_persistence_threshold"] == 640
+    assert z["reduce_bucket_size"] == MIN_REDUCE_BUCKET  # hidden² (4,096) would be latency-bound
+    assert fill_ds_config(cfg, world_size=4, hidden_size=8192)["zero_optimization"]["reduce_bucket_size"] == 8192 ** 2
 
 
 def test_ds_config_contradiction_names_both_values(tmp_path: Path) -> None:

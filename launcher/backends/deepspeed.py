@@ -41,6 +41,20 @@ if TYPE_CHECKING:
 DS_SHM_BUFFER = 66 * 2**20  # deepspeed/ops/csrc/cpu/comm/shm.cpp: 2 × 1 MiB + 2 × 32 MiB per rank
 
 
+# The smallest "auto" gradient-reduce bucket, in elements (200 MB of float32 gradients, a tenth of DeepSpeed's own
+# default). Hugging Face's rule, hidden², gives a small model tiny buckets: the tiny Llama's 65,536 elements made ~80
+# reductions per step, latency-bound (ZeRO-3 × 2 on CPU: 3,005-3,468 tokens/s against 3,847-3,946 with 5e7).
+MIN_REDUCE_BUCKET = 50_000_000
+
+
+def auto_buckets(hidden_size: int) -> dict[str, int]:
+    """The bucket sizes that fill "auto" entries of ``zero_optimization``: Hugging Face's rules from the hidden size
+    (what LLaMA-Factory and the HF Trainer use), with the reduce bucket never below :data:`MIN_REDUCE_BUCKET`."""
+    return {"reduce_bucket_size": max(hidden_size * hidden_size, MIN_REDUCE_BUCKET),
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size}
+
+
 def fill_ds_config(cfg: Config, world_size: int, hidden_size: int | None = None) -> dict[str, Any]:
     """Read ``backend.ds_config`` and replace its "auto" values from the Hydra config.
 
@@ -63,11 +77,7 @@ def fill_ds_config(cfg: Config, world_size: int, hidden_size: int | None = None)
         ("bf16", "enabled"): (bf16, "model.dtype"),
         ("fp16", "enabled"): (False, "model.dtype (float16 is not supported; use bfloat16)"),
     }
-    derived = {}
-    if hidden_size:
-        derived = {("zero_optimization", "reduce_bucket_size"): hidden_size * hidden_size,
-                   ("zero_optimization", "stage3_prefetch_bucket_size"): int(0.9 * hidden_size * hidden_size),
-                   ("zero_optimization", "stage3_param_persistence_threshold"): 10 * hidden_size}
+    derived = {("zero_optimization", k): v for k, v in auto_buckets(hidden_size).items()} if hidden_size else {}
     errors = []
     for keys, (value, source) in from_hydra.items():
         node = _node(ds, keys)
