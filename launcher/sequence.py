@@ -20,7 +20,8 @@ summed over all ranks, as without sequence parallelism. Model states stay sharde
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
@@ -98,6 +99,7 @@ def setup(cfg: Config) -> Any:
     import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
     from transformers import AutoConfig
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from launcher.model import model_dir
@@ -109,6 +111,8 @@ def setup(cfg: Config) -> Any:
 
     def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        if _whole:  # generation: each rank decodes its own prompts, whole (see whole_sequences)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
         rows = query.shape[0]
         if rows not in wrappers:
             wrappers[rows] = UlyssesSPAttentionHF(
@@ -121,3 +125,18 @@ def setup(cfg: Config) -> Any:
 
     ALL_ATTENTION_FUNCTIONS["sdpa"] = attention
     return mpu
+
+
+_whole: list[bool] = []  # non-empty inside whole_sequences()
+
+
+@contextmanager
+def whole_sequences() -> Iterator[None]:
+    """Inside, attention runs on whole sequences: transformers' own sdpa, with the padding mask and the KV cache,
+    instead of the Ulysses wrapper. For generation, where every rank decodes its own prompts (their lengths differ
+    from rank to rank, and the wrapper's all-gather of position ids needs equal slices: it aborted the job)."""
+    _whole.append(True)
+    try:
+        yield
+    finally:
+        _whole.pop()

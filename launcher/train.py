@@ -252,7 +252,10 @@ def run(run_dir: str | Path) -> dict:
 def attention_used(cfg: Config, backend: Backend) -> str:
     """The attention implementation the model runs, and for ``packed`` the kernel on this device."""
     attn = attention_of(cfg)
-    return f"{attn} ({kernel(backend.device, compute_dtype(cfg.model))})" if attn == PACKED else attn
+    packed = f"{PACKED} ({kernel(backend.device, compute_dtype(cfg.model))})"
+    if cfg.parallel.sequence > 1:  # launcher/sequence.py: Ulysses' all-to-all, then packed over whole rows
+        return f"DeepSpeed Ulysses over {cfg.parallel.sequence} ranks, then {packed}"
+    return packed if attn == PACKED else attn
 
 
 def resource_facts(backend: Backend, host_before_model: int) -> dict:

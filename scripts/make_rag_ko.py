@@ -1,7 +1,9 @@
 """Generate the shipped Korean retrieval-augmented (RAG) sample (LLaMA-Factory alpaca format) into ``data/``.
 
 Writes ``data/rag_ko.json`` (byte-identical on every run) and registers it as ``rag_ko`` in
-``data/dataset_info.json`` (other entries there are kept). Train it with the RAG template::
+``data/dataset_info.json`` (other entries there are kept), and 8 held-out records of 2k-6k tokens (other invented
+entities, the same kinds of questions) as ``rag_ko_heldout``, whose answers ``dataset=rag_ko`` scores for
+citations before and after training. Train it with the RAG template::
 
     python -m launcher dataset=rag_ko template=llama3_rag
 
@@ -37,6 +39,8 @@ NAME = "rag_ko"
 SEED = 20261130
 N_RECORDS = 40
 MIN_TOKENS, MAX_TOKENS = 2_000, 32_000
+HELDOUT_FILE, HELDOUT_NAME = "rag_ko_heldout.json", "rag_ko_heldout"
+N_HELDOUT, HELDOUT_MAX_TOKENS = 8, 6_000  # short enough to be answered whole within the default cutoff_len
 P_UNANSWERABLE = 0.25
 NOT_FOUND = "검색 결과에서 답을 찾을 수 없습니다."
 DOC_OVERHEAD = 80  # tokens a document costs beyond its sentences counted one by one (header, joins), measured
@@ -127,8 +131,20 @@ def build() -> dict[str, str]:
         return len(tok.encode(text, add_special_tokens=False).ids)
 
     rng = random.Random(SEED)
-    ratio = MAX_TOKENS / MIN_TOKENS
-    targets = [round(MIN_TOKENS * ratio ** (i / (N_RECORDS - 1))) for i in range(N_RECORDS)]
+    records = records_of(rng, N_RECORDS, MAX_TOKENS, count)
+    heldout = records_of(rng, N_HELDOUT, HELDOUT_MAX_TOKENS, count)  # drawn after: the training file is unchanged
+    path = DATA_DIR / "dataset_info.json"
+    info = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    columns = {"prompt": "instruction", "query": "input", "response": "output"}
+    info[NAME] = {"file_name": FILE, "columns": columns}
+    info[HELDOUT_NAME] = {"file_name": HELDOUT_FILE, "columns": columns}
+    return {FILE: dump(records), HELDOUT_FILE: dump(heldout), "dataset_info.json": dump(info)}
+
+
+def records_of(rng: random.Random, n: int, max_tokens: int, count) -> list[dict[str, str]]:
+    """``n`` records whose lengths spread evenly on a log scale from MIN_TOKENS to ``max_tokens``, shuffled."""
+    ratio = max_tokens / MIN_TOKENS
+    targets = [round(MIN_TOKENS * ratio ** (i / (n - 1))) for i in range(n)]
     rng.shuffle(targets)
     records = []
     for target in targets:
@@ -136,14 +152,11 @@ def build() -> dict[str, str]:
         while True:  # the overhead of a record varies with its number of documents: correct and draw again
             rec = record(rng, budget, count)
             length = count("\n".join(rec.values()))
-            if MIN_TOKENS <= length <= MAX_TOKENS and abs(length - target) <= 0.1 * target:
+            if MIN_TOKENS <= length <= max_tokens and abs(length - target) <= 0.1 * target:
                 break
             budget += target - length
         records.append(rec)
-    path = DATA_DIR / "dataset_info.json"
-    info = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    info[NAME] = {"file_name": FILE, "columns": {"prompt": "instruction", "query": "input", "response": "output"}}
-    return {FILE: dump(records), "dataset_info.json": dump(info)}
+    return records
 
 
 def main(argv: list[str] | None = None) -> int:

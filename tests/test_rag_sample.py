@@ -72,3 +72,23 @@ def test_it_trains_with_llama3_rag_keeping_every_answer(tokenizer, tmp_path) -> 
     answers = sorted(tokenizer.decode([t for t in lab if t != IGNORE_INDEX]) for lab in ds["labels"])
     assert sum("[[doc-" in a for a in answers) == sum("[[doc-" in r["output"] for r in
                                                       json.loads((DATA / "rag_ko.json").read_text("utf-8")))
+
+
+def test_the_heldout_set_is_scored_for_citations(tokenizer) -> None:
+    """rag_ko_heldout (the README's RAG example scores it): 8 new records whose prompts fit the default cutoff,
+    each with its documents for the citation metric, answerable and unanswerable ones both present."""
+    from launcher.evaluate.generation import load_prompts, prompt_ids
+    from launcher.templates import Template
+    from tests.test_configs import _compose
+
+    cfg = to_object(_compose("dataset=rag_ko", "template=llama3_rag", "eval.generate.datasets=[rag_ko_heldout]",
+                             "eval.generate.metrics=[citation]"))
+    template = Template(cfg.template, tokenizer)
+    prompts = load_prompts(cfg, template)
+    train = {r["instruction"] for r in json.loads((DATA / "rag_ko.json").read_text("utf-8"))}
+    assert len(prompts) == 8
+    for p in prompts:
+        assert 4 <= len(p.fields["documents"]) <= 20 and p.messages[-1]["content"].split("\n")[0] not in train
+        assert all(d in p.messages[-1]["content"] for d in p.fields["documents"])
+        assert len(prompt_ids(template, p)) < cfg.dataset.cutoff_len
+    assert 1 <= sum(p.reference.startswith(NOT_FOUND) for p in prompts) < 8

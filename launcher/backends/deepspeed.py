@@ -151,7 +151,13 @@ class DeepSpeedBackend(ProcessGroupMixin):
         return self.engine
 
     def generating(self, model: torch.nn.Module) -> AbstractContextManager:
-        return nullcontext()  # ZeRO-3 gathers each module's parameters in its forward, wherever it is called from
+        # ZeRO-3 gathers each module's parameters in its forward, wherever it is called from. Sequence parallelism
+        # splits training rows over ranks; generation runs each rank's prompts whole.
+        if self.cfg.parallel.sequence > 1:
+            from launcher.sequence import whole_sequences
+
+            return whole_sequences()
+        return nullcontext()
 
     def autocast(self) -> AbstractContextManager:
         return nullcontext()  # the engine runs the module in its own dtype
