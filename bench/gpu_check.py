@@ -35,6 +35,7 @@ import platform
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -47,13 +48,11 @@ from launcher.attention import PACKED, kernel  # noqa: E402 - after the path set
 from launcher.backends.single import SingleBackend  # noqa: E402
 from launcher.config import (BackendConfig, Config, DatasetConfig, FinetuneConfig, ModelConfig,  # noqa: E402
                              OptimizerConfig, TemplateConfig, TrainerConfig)
+from launcher.loss import loss_chunks  # noqa: E402
 from launcher.metrics import FlopCounter, device_peak_flops  # noqa: E402
 from launcher.packing import collate, pack_lengths, varlen_attention  # noqa: E402
-from functools import partial  # noqa: E402
-
 from launcher.planner import estimate, load_shape  # noqa: E402
 from launcher.templates import IGNORE_INDEX  # noqa: E402
-from launcher.loss import loss_chunks  # noqa: E402
 from launcher.train import forward_backward, token_loss_sum  # noqa: E402
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -160,7 +159,9 @@ def long_row(model, backend, length: int, chunk_tokens: int, vocab: int, device:
             forward_backward(model, [batch], backend, backend.autocast(), loss_fn)
             backend.step()
         sync()
-        out[name] = {"chunks": loss_fn.keywords["chunks"], "loss_before": before[name], "tokens_per_s": steps * length / (time.perf_counter() - t0),
+        seconds = time.perf_counter() - t0
+        out[name] = {"chunks": loss_fn.keywords["chunks"], "loss_before": before[name],
+                     "tokens_per_s": steps * length / seconds,
                      "peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
     ref = out["plain"]["loss_before"]
     out["rel_diff"] = abs(out["chunked"]["loss_before"] - ref) / abs(ref)
